@@ -1,0 +1,159 @@
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from xar_infer.checkpoint_io import CheckpointError, write_safetensors
+from xar_infer.vae import AutoencoderKLDecoder, VAEConfig, infer_vae_config, load_vae
+
+PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
+VAE_FIXTURE = PARITY_DIR / "vae_small.safetensors"
+SMALL = VAEConfig(embed_dim=16, ch=32, ch_mult=(1, 2), num_res_blocks=1)
+
+
+class Opaque:
+    """Stands in for an arbitrary Python object hidden inside a pickle."""
+
+
+def random_decoder(cfg: VAEConfig = SMALL, seed: int = 0) -> AutoencoderKLDecoder:
+    torch.manual_seed(seed)
+    model = AutoencoderKLDecoder(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # move norms off 1/0 so that every weight matters
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def kl_ckpt_dict(model: AutoencoderKLDecoder) -> dict[str, torch.Tensor]:
+    """What kl16.ckpt's "model" dict looks like: decoder weights beside encoder-side ones."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["encoder.conv_in.weight"] = torch.randn(32, 3, 3, 3)
+    sd["encoder.down.0.block.0.norm1.weight"] = torch.randn(32)
+    sd["quant_conv.weight"] = torch.randn(32, 32, 1, 1)
+    sd["quant_conv.bias"] = torch.randn(32)
+    return sd
+
+
+def save_ckpt(tmp_path: Path, sd: dict, name: str = "kl.ckpt") -> Path:
+    path = tmp_path / name
+    torch.save({"model": sd}, path)
+    return path
+
+
+# ---- parity with the official implementation ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fixture_tensors():
+    if not PARITY_DIR.is_dir():
+        pytest.skip(f"parity fixtures not present at {PARITY_DIR}")
+    with safe_open(VAE_FIXTURE, "pt") as f:
+        return f.metadata(), f.get_tensor("z"), f.get_tensor("image")
+
+
+@pytest.mark.parametrize("ch_mult", [None, (1, 1, 2)])
+def test_decode_matches_official(fixture_tensors, ch_mult):
+    meta, z, image = fixture_tensors
+    vae = load_vae(VAE_FIXTURE, ch_mult)
+    assert vae.config == VAEConfig(embed_dim=int(meta["embed_dim"]), ch=int(meta["ch"]), ch_mult=(1, 1, 2))
+    assert next(vae.parameters()).dtype == torch.float32  # fp16 file, fp32 module
+    with torch.no_grad():
+        out = vae.decode(z)
+    assert out.shape == image.shape == (2, 3, 32, 32)
+    err = (out - image).abs().max().item()
+    assert err <= 1e-4, f"max abs error {err:.3e} vs the official decode"
+
+
+# ---- loading a kl16.ckpt-style file ---------------------------------------------------------------
+
+def test_ckpt_roundtrip(tmp_path):
+    ref = random_decoder()
+    vae = load_vae(save_ckpt(tmp_path, kl_ckpt_dict(ref)))
+    assert vae.config == SMALL
+    assert not vae.training
+    assert not any(p.requires_grad for p in vae.parameters())
+    z = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(vae.decode(z), ref.decode(z))
+
+
+def test_safetensors_with_model_prefix_and_dtype(tmp_path):
+    ref = random_decoder()
+    path = tmp_path / "kl16.safetensors"
+    sd = {"model." + k: v.half() for k, v in kl_ckpt_dict(ref).items()}
+    sd["model.loss.discriminator.weight"] = torch.randn(3)  # training-only, must be ignored
+    write_safetensors(sd, path)
+    vae = load_vae(path, (1, 2), dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in vae.parameters())
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, sd["model." + k].double()), k
+
+
+def test_infer_config_default_shape():
+    cfg = infer_vae_config(AutoencoderKLDecoder(VAEConfig()).state_dict())
+    assert cfg == VAEConfig() and cfg.stride == 16
+
+
+@pytest.mark.parametrize("cfg", [SMALL, VAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=2, out_channels=4)])
+def test_output_shape(cfg):
+    vae = AutoencoderKLDecoder(cfg)
+    with torch.no_grad():
+        out = vae.decode(torch.randn(3, 16, 3, 5))
+    assert out.shape == (3, cfg.out_channels, 3 * cfg.stride, 5 * cfg.stride)
+
+
+# ---- strict errors --------------------------------------------------------------------------------
+
+def test_missing_key(tmp_path):
+    sd = kl_ckpt_dict(random_decoder())
+    del sd["decoder.mid.attn_1.q.bias"]
+    with pytest.raises(CheckpointError, match=r"missing tensors decoder\.mid\.attn_1\.q\.bias"):
+        load_vae(save_ckpt(tmp_path, sd))
+
+
+def test_unexpected_key(tmp_path):
+    sd = kl_ckpt_dict(random_decoder())
+    sd["decoder.mid.attn_2.q.weight"] = torch.zeros(64, 64, 1, 1)
+    with pytest.raises(CheckpointError, match=r"unexpected tensors decoder\.mid\.attn_2\.q\.weight"):
+        load_vae(save_ckpt(tmp_path, sd))
+
+
+def test_wrong_shape(tmp_path):
+    sd = kl_ckpt_dict(random_decoder())
+    sd["decoder.conv_in.weight"] = torch.zeros(64, 16, 1, 1)
+    with pytest.raises(CheckpointError, match=r"decoder\.conv_in\.weight \(expected \(64, 16, 3, 3\), got \(64, 16, 1, 1\)\)"):
+        load_vae(save_ckpt(tmp_path, sd))
+
+
+def test_wrong_ch_mult(tmp_path):
+    path = save_ckpt(tmp_path, kl_ckpt_dict(random_decoder()))
+    with pytest.raises(CheckpointError, match=r"ch_mult=\(1, 1, 2, 2, 4\) was asked for .* say ch_mult=\(1, 2\)"):
+        load_vae(path, ch_mult=(1, 1, 2, 2, 4))
+
+
+def test_not_a_vae(tmp_path):
+    path = save_ckpt(tmp_path, {"blocks.0.weight": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match=r"not a KL VAE decoder checkpoint: key 'decoder\.conv_out\.weight'"):
+        load_vae(path)
+
+
+def test_corrupted_file(tmp_path):
+    path = tmp_path / "kl16.ckpt"
+    path.write_bytes(random.Random(0).randbytes(4096))  # seeded: the same garbage on every run
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_vae(path)
+
+
+def test_truncated_file(tmp_path):
+    path = save_ckpt(tmp_path, kl_ckpt_dict(random_decoder()))
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_vae(path)
+
+
+def test_pickled_object_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"model": {"decoder.conv_out.weight": Opaque()}}, path)
+    with pytest.raises(CheckpointError, match="objects other than tensors"):
+        load_vae(path)
