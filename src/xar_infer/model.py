@@ -1,0 +1,242 @@
+"""The xAR transformer, inference only.
+
+One stack (encoder blocks, then decoder blocks) maps the noisy tokens of one cell, conditioned on the
+class and the cell's flow time, to their velocity. Finished cells are seen through a :class:`KVCache`
+that the caller creates per generation call and passes in; the modules keep no state between calls.
+Parameter names equal the released checkpoints' keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import XARConfig
+
+
+class KVCache:
+    """Keys and values of every attention layer, preallocated for a whole image.
+
+    Positions ``[0, length)`` hold the finished cells; a forward pass writes its own tokens after them
+    and attends to everything up to its last token. Only a pass given a ``prefix`` moves ``length``.
+    """
+
+    def __init__(self, config: XARConfig, batch_size: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (config.num_layers, batch_size, config.num_heads, config.seq_len, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k, v`` [B, heads, n, head_dim] after the finished cells; return all keys and values so far.
+
+        ``B`` may be smaller than the cache's batch: the first ``B`` rows are used (the conditional half).
+        """
+        batch, end = k.shape[0], self.length + k.shape[2]
+        self.keys[layer, :batch, :, self.length:end] = k
+        self.values[layer, :batch, :, self.length:end] = v
+        return self.keys[layer, :batch, :, :end], self.values[layer, :batch, :, :end]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32; the released blocks use it without a weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, weight: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return out if self.weight is None else out * self.weight
+
+
+def rope_tables(config: XARConfig) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [seq_len, head_dim] of the 2D rotary embedding, rows in cell order.
+
+    The first half of a head's channels rotates with the token's row, the second half with its column,
+    each as interleaved channel pairs with language-model frequencies.
+    """
+    half = config.head_dim // 2
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, half, 2).float() / half))
+    angles = (torch.arange(config.grid_size).float()[:, None] * freqs[None]).repeat_interleave(2, dim=-1)
+    g = config.grid_size
+    table = torch.cat([angles[:, None, :].expand(g, g, half), angles[None, :, :].expand(g, g, half)], dim=-1)
+    n, c = g // config.cell_size, config.cell_size
+    table = table.reshape(n, c, n, c, config.head_dim).permute(0, 2, 1, 3, 4).reshape(g * g, config.head_dim)
+    return table.cos(), table.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (2i, 2i+1) of ``x`` [..., n, head_dim] by the angles of ``cos``/``sin`` [n, head_dim]."""
+    xf = x.float()
+    pairs = xf.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+def block_causal_mask(config: XARConfig, start: int, num_queries: int) -> Tensor:
+    """Boolean [num_queries, start + num_queries] mask: a token sees every token of its own and earlier cells."""
+    cell_of = torch.arange(start + num_queries) // config.tokens_per_cell
+    return cell_of[None, :] <= cell_of[start:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of an integer timestep (cos then sin), followed by a 2-layer MLP."""
+
+    def __init__(self, dim: int, frequencies: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.frequencies = frequencies
+        self.max_period = max_period
+        self.mlp = nn.Sequential(nn.Linear(frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, timesteps: Tensor) -> Tensor:
+        half = self.frequencies // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+        args = timesteps[:, None].float() * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+def timestep_index(t: Tensor) -> Tensor:
+    """The integer timestep the network was trained on: ``floor(1000 * t)`` with ``t`` in fp32, as released."""
+    return (t.to(torch.float32) * 1000).long()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: XARConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.qkv = nn.Linear(config.dim, 3 * config.dim)
+        self.proj = nn.Linear(config.dim, config.dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, mask: Tensor | None) -> Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.update(layer, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class GatedMLP(nn.Module):
+    """``fc2(gelu(fc1_g(x)) * fc1_x(x))`` with exact (erf) GELU."""
+
+    def __init__(self, config: XARConfig):
+        super().__init__()
+        self.fc1_g = nn.Linear(config.dim, config.mlp_hidden_dim)
+        self.fc1_x = nn.Linear(config.dim, config.mlp_hidden_dim)
+        self.fc2 = nn.Linear(config.mlp_hidden_dim, config.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1_g(x)) * self.fc1_x(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN modulation and gated residuals, one condition per cell."""
+
+    def __init__(self, config: XARConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(config.dim)
+        self.attn = Attention(config)
+        self.norm2 = RMSNorm(config.dim)
+        self.mlp = GatedMLP(config)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(config.dim, 6 * config.dim))
+        self.tokens_per_cell = config.tokens_per_cell
+
+    def forward(self, x: Tensor, cond: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, mask: Tensor | None) -> Tensor:
+        # cond [B, cells, D] -> six [B, tokens, D] modulations, in the released chunk order.
+        modulation = self.ada_lin(cond).repeat_interleave(self.tokens_per_cell, dim=1)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.chunk(6, dim=-1)
+        x = x + self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, cache, layer, mask) * gamma1
+        x = x + self.mlp(self.norm2(x) * (1 + scale2) + shift2) * gamma2
+        return x
+
+
+class XARTransformer(nn.Module):
+    """The xAR network: velocity of one noisy cell, given the class, its time and the finished cells."""
+
+    def __init__(self, config: XARConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.class_emb = nn.Embedding(c.num_classes + 1, c.dim)  # the last row is the null class
+        self.time_embed = TimestepEmbedder(c.dim, c.time_frequencies)
+        self.z_proj = nn.Linear(c.token_channels, c.dim)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, c.dim))
+        self.z_proj_ln = RMSNorm(c.dim, weight=True)
+        self.encoder_blocks = nn.ModuleList(Block(c) for _ in range(c.encoder_depth))
+        self.encoder_norm = RMSNorm(c.dim, weight=True)
+        self.decoder_embed = nn.Linear(c.dim, c.dim)
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, c.dim))
+        self.decoder_blocks = nn.ModuleList(Block(c) for _ in range(c.decoder_depth))
+        self.decoder_norm = RMSNorm(c.dim, weight=True)
+        self.pred = nn.Linear(c.dim, c.token_channels)
+        cos, sin = rope_tables(c)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def reset_rope_tables(self) -> None:
+        """Recompute the RoPE tables in fp32 on the weights' device (they are derived, never loaded)."""
+        cos, sin = rope_tables(self.config)
+        device = self.z_proj.weight.device
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def _apply(self, fn, recurse=True):
+        # Rotations are applied in fp32: keep the tables exact whatever dtype the weights are cast to.
+        super()._apply(fn, recurse)
+        self.reset_rope_tables()
+        return self
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows (count both guidance halves), on the model's device and dtype."""
+        weight = self.z_proj.weight
+        return KVCache(self.config, batch_size, weight.dtype, weight.device)
+
+    def forward(self, x: Tensor, labels: Tensor, t: Tensor, cache: KVCache, prefix: Tensor | None = None) -> Tensor:
+        """Velocity [B, tokens_per_cell, token_channels] of the cell after the cache's finished cells.
+
+        ``x``: its noisy tokens [B, tokens_per_cell, token_channels]; ``labels`` [B] (``null_class`` for
+        the unconditional branch); ``t`` [B] its flow time (1 = noise, 0 = data). ``prefix``: clean
+        tokens of whole finished cells that are not cached yet (the released sampler passes the previous
+        cell); they run at t=0 together with ``x``, block-causally, and their keys and values are cached.
+        """
+        T = self.config.tokens_per_cell
+        start = cache.length
+        cell_times = t[:, None]
+        if prefix is not None:
+            if prefix.shape[1] % T:
+                raise ValueError(f"prefix must hold whole cells of {T} tokens, got {prefix.shape[1]}")
+            x = torch.cat([prefix, x], dim=1)
+            cell_times = torch.cat([cell_times.new_zeros(len(t), prefix.shape[1] // T), cell_times], dim=1)
+        B, N, _ = x.shape
+        dtype = self.z_proj.weight.dtype
+        x = x.to(dtype)
+
+        # One condition row per cell of the input: class embedding + embedding of its quantised time.
+        cond = self.time_embed(timestep_index(cell_times.flatten())).view(B, -1, self.config.dim)
+        cond = cond + self.class_emb(labels)[:, None, :]
+
+        cos, sin = self.rope_cos[start:start + N], self.rope_sin[start:start + N]
+        mask = block_causal_mask(self.config, start, N).to(x.device) if prefix is not None else None
+
+        x = self.z_proj(x) + self.encoder_pos_embed_learned[:, start:start + N]
+        x = self.z_proj_ln(x)
+        for i, block in enumerate(self.encoder_blocks):
+            x = block(x, cond, cos, sin, cache, i, mask)
+        x = self.encoder_norm(x)
+        x = self.decoder_embed(x) + self.decoder_pos_embed_learned[:, start:start + N]
+        for i, block in enumerate(self.decoder_blocks, start=self.config.encoder_depth):
+            x = block(x, cond, cos, sin, cache, i, mask)
+        x = self.pred(self.decoder_norm(x))
+
+        if prefix is not None:
+            cache.length += prefix.shape[1]
+        return x[:, -T:]

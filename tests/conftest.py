@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny checkpoints in the released formats, made here, and the official parity files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from xar_infer.config import XARConfig
+from xar_infer.loading import released_buffers
+from xar_infer.model import XARTransformer
+from xar_infer.vae import AutoencoderKLDecoder, VAEConfig
+
+PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
+
+TINY_CONFIG = XARConfig(dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_hidden_dim=48)
+TINY_VAE_CONFIG = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+
+
+def random_transformer(config: XARConfig = TINY_CONFIG, seed: int = 0) -> XARTransformer:
+    """A transformer whose every parameter is random (no zero biases or unit norms to hide mistakes)."""
+    torch.manual_seed(seed)
+    model = XARTransformer(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm = name.endswith(("_ln.weight", "_norm.weight"))
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if is_norm else 0.0))
+    return model.eval()
+
+
+def released_state_dict(model: XARTransformer) -> dict[str, torch.Tensor]:
+    """The model's weights laid out as the released .pth files are: flat, with the derived buffers."""
+    return {**model.state_dict(), **released_buffers(model.config)}
+
+
+def save_released(model: XARTransformer, path: Path) -> Path:
+    torch.save(released_state_dict(model), path)
+    return path
+
+
+@pytest.fixture
+def tiny_model() -> XARTransformer:
+    return random_transformer()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_model) -> Path:
+    """A released-format .pth of the tiny model."""
+    return save_released(tiny_model, tmp_path / "xar_tiny.pth")
+
+
+@pytest.fixture
+def tiny_vae_checkpoint(tmp_path) -> Path:
+    """A kl16.ckpt-style file (weights under "model", encoder keys included) of a small decoder."""
+    torch.manual_seed(1)
+    vae = AutoencoderKLDecoder(TINY_VAE_CONFIG)
+    state = {**vae.state_dict(), "encoder.conv_in.weight": torch.zeros(32, 3, 3, 3), "quant_conv.weight": torch.zeros(32, 32, 1, 1)}
+    path = tmp_path / "kl_tiny.ckpt"
+    torch.save({"model": state}, path)
+    return path
+
+
+@pytest.fixture
+def parity_dir() -> Path:
+    if not PARITY_DIR.is_dir():
+        pytest.skip(f"official parity fixtures not found at {PARITY_DIR} (CI has them)")
+    return PARITY_DIR
