@@ -1,0 +1,147 @@
+"""Samplers: time grids, guidance schedule, evaluation protocol, seeds, ODE convergence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xar_infer.sampling import (
+    NoiseSource,
+    cell_guidance_scales,
+    evaluations_per_cell,
+    generate_tokens,
+    sde_time_grid,
+)
+
+from conftest import random_transformer
+
+
+@pytest.fixture(scope="module")
+def model64():
+    # float64: two computations that should agree then do so to ~1e-12, so comparisons are sharp.
+    return random_transformer().double()
+
+
+def _generate(model, labels, steps=4, scale=2.0, seed=0, **kwargs):
+    generator = kwargs.pop("generator", torch.Generator().manual_seed(seed))
+    labels = torch.tensor(labels)
+    return generate_tokens(model, labels, steps, scale, NoiseSource(generator, len(labels), torch.device("cpu")), **kwargs)
+
+
+def test_sde_time_grid():
+    grid = sde_time_grid(40)
+    assert len(grid) == 41 and grid.dtype == torch.float64
+    assert grid[0] == 1.0 and grid[-2] == pytest.approx(0.04) and grid[-1] == 0.0
+    assert torch.all(grid[1:] < grid[:-1])
+    assert sde_time_grid(1).tolist() == [1.0, 0.0]
+    assert sde_time_grid(2).tolist() == pytest.approx([1.0, 0.04, 0.0])
+
+
+def test_guidance_schedules():
+    assert cell_guidance_scales(2.5, 4, "linear") == pytest.approx([1.0, 1.5, 2.0, 2.5])
+    assert cell_guidance_scales(2.5, 4, "constant") == [2.5] * 4
+    assert cell_guidance_scales(3.0, 1, "linear") == [3.0]
+    with pytest.raises(ValueError, match="unknown guidance schedule"):
+        cell_guidance_scales(2.0, 4, "cosine")
+
+
+class CallRecorder:
+    """Forward pre-hook noting each call's batch size and whether it carried a prefix."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.calls.append((args[0].shape[0], kwargs.get("prefix") is not None))
+
+
+@pytest.mark.parametrize("sampler, steps", [("sde", 1), ("sde", 2), ("sde", 5), ("euler", 1), ("heun", 1), ("heun", 3)])
+def test_each_cell_commits_the_previous_one_exactly_once(model64, sampler, steps):
+    """Any step count works: only the first call of cells 1..3 runs (and caches) the previous cell."""
+    recorder = CallRecorder(model64)
+    try:
+        latent = _generate(model64, [1, 2], steps=steps, sampler=sampler)
+    finally:
+        recorder.handle.remove()
+    per_cell = evaluations_per_cell(sampler, steps)
+    cells = model64.config.num_cells
+    assert len(recorder.calls) == cells * per_cell
+    assert [i for i, (_, has_prefix) in enumerate(recorder.calls) if has_prefix] == [per_cell * s for s in range(1, cells)]
+    assert all(batch == 4 for batch, _ in recorder.calls)  # guidance doubles the batch
+    assert torch.isfinite(latent).all() and latent.shape == (2, 16, 16, 16)
+
+
+def test_without_guidance_the_batch_is_not_doubled(model64):
+    recorder = CallRecorder(model64)
+    try:
+        _generate(model64, [1, 2], scale=1.0)
+    finally:
+        recorder.handle.remove()
+    assert {batch for batch, _ in recorder.calls} == {2}
+
+
+def test_linear_guidance_leaves_the_first_cell_alone(model64):
+    """Cell 0 has scale 1 under the released schedule: guidance changes cells 1..3 only (the noise
+    draws do not depend on guidance, so cell 0 is the same computation)."""
+    plain, guided = _generate(model64, [5], scale=1.0), _generate(model64, [5], scale=3.0)
+    # the latent is [B, C, 16, 16]; cell 0 is its top-left 8x8 block, cell 1 the top-right one
+    assert torch.allclose(plain[..., :8, :8], guided[..., :8, :8], rtol=0, atol=1e-9)
+    assert (plain[..., :8, 8:] - guided[..., :8, 8:]).abs().max() > 1e-3
+
+
+def test_per_image_generators_make_images_independent_of_the_batch(model64):
+    alone = [_generate(model64, [c], generator=[torch.Generator().manual_seed(s)]) for c, s in ((7, 11), (8, 12), (9, 13))]
+    batch = _generate(model64, [7, 8, 9], generator=[torch.Generator().manual_seed(s) for s in (11, 12, 13)])
+    swapped = _generate(model64, [9, 7], generator=[torch.Generator().manual_seed(s) for s in (13, 11)])
+    for i in range(3):
+        assert torch.allclose(batch[i], alone[i][0], rtol=0, atol=1e-9)
+    assert torch.allclose(swapped[0], alone[2][0], rtol=0, atol=1e-9)
+    assert torch.allclose(swapped[1], alone[0][0], rtol=0, atol=1e-9)
+
+
+def test_single_generator_is_shared_across_the_batch(model64):
+    """One generator draws for the whole batch at once (the released order): reproducible, and two
+    images of the same class get different noise."""
+    pair = _generate(model64, [7, 7], seed=3)
+    assert torch.equal(pair, _generate(model64, [7, 7], seed=3))
+    assert (pair[0] - pair[1]).abs().max() > 1e-3
+
+
+def test_generator_count_must_match(model64):
+    with pytest.raises(ValueError, match="got 1 generators for 2 images"):
+        _generate(model64, [1, 2], generator=[torch.Generator()])
+
+
+@pytest.fixture(scope="module")
+def smooth_model64():
+    """Weights 4x smaller than `random_transformer`'s: a smooth velocity field, where integration orders
+    show (with the full-size random weights the cell-to-cell dynamics are too stiff for that)."""
+    model = random_transformer().double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(("_ln.weight", "_norm.weight")):
+                p.mul_(0.25)
+    return model
+
+
+def test_ode_samplers_converge(smooth_model64):
+    """Heun with few steps matches Euler with many more; measured errors against 1000 Euler steps:
+    Heun 10/20/40 steps 2.1e-3/5.0e-4/2.4e-4 (second order until the reference's own error), Euler
+    19/39/79 steps 1.0e-2/4.9e-3/2.3e-3 (first order), on outputs of size ~4.5."""
+    fine = _generate(smooth_model64, [4], steps=1000, sampler="euler")
+
+    def error(steps, sampler):
+        return (_generate(smooth_model64, [4], steps=steps, sampler=sampler) - fine).abs().max().item()
+
+    heun = {n: error(n, "heun") for n in (10, 20, 40)}
+    euler = {n: error(2 * n - 1, "euler") for n in (10, 20)}  # the same number of evaluations as Heun n
+    assert heun[40] < 5e-4
+    assert heun[20] < heun[10] / 3  # ~4x per halving: second order
+    assert euler[20] < euler[10] / 1.8  # ~2x per halving: first order
+    assert heun[20] < euler[20] / 5
+
+
+def test_unknown_sampler(model64):
+    with pytest.raises(ValueError, match="unknown sampler"):
+        _generate(model64, [1], sampler="ddim")
