@@ -1,0 +1,219 @@
+"""Loading xAR transformers: released ``.pth`` files, our safetensors format, presets on the Hub.
+
+Released checkpoints are flat state dicts that also carry derived buffers (the block-causal ``mask``
+and every layer's RoPE tables). We recompute those from the config and check the stored ones against
+them, so a checkpoint made for another geometry fails loudly instead of generating garbage.
+Our format is a directory with ``model.safetensors`` (parameters only) and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .checkpoint_io import PICKLE_SUFFIXES, CheckpointError, load_strict, read_state_dict, write_safetensors
+from .config import (
+    FALLBACK_GUIDANCE_SCALE,
+    FALLBACK_NUM_INFERENCE_STEPS,
+    PRESETS,
+    XARConfig,
+    find_preset,
+    infer_config,
+    preset_for_config,
+)
+from .model import XARTransformer, block_causal_mask, rope_tables
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# A stored RoPE table may differ from ours by float rounding (another libm's cos); beyond
+# ROPE_WARN_TOLERANCE it was computed differently and we say so; beyond ROPE_ERROR_TOLERANCE it
+# is a different embedding (theta, grid or channel order) that this model cannot reproduce.
+ROPE_WARN_TOLERANCE = 1e-6
+ROPE_ERROR_TOLERANCE = 1e-2
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: XARTransformer
+    num_inference_steps: int
+    guidance_scale: float
+    source: str
+
+
+def released_buffers(config: XARConfig) -> dict[str, torch.Tensor]:
+    """The derived buffers a released checkpoint stores, as the released code computes them."""
+    mask = torch.zeros(config.seq_len, config.seq_len)
+    mask.masked_fill_(~block_causal_mask(config, 0, config.seq_len), float("-inf"))
+    buffers = {"mask": mask[None, None]}
+    cos, sin = rope_tables(config)
+    half = config.head_dim // 2
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, half, 2).float() / half))
+    for part, depth in (("encoder_blocks", config.encoder_depth), ("decoder_blocks", config.decoder_depth)):
+        for i in range(depth):
+            prefix = f"{part}.{i}.attn.rope."
+            buffers.update({prefix + "freqs": freqs, prefix + "freqs_cos": cos, prefix + "freqs_sin": sin})
+    return buffers
+
+
+def check_released_buffers(stored: dict[str, torch.Tensor], config: XARConfig, source: str) -> None:
+    """Compare a checkpoint's derived buffers with ours; all must be present, none may be foreign."""
+    expected = released_buffers(config)
+    missing = sorted(expected.keys() - stored.keys())
+    if missing:
+        raise CheckpointError(f"{source}: missing buffer(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                              "of the released format; the file is incomplete")
+    for key, want in expected.items():
+        got = stored[key]
+        if got.shape != want.shape:
+            raise CheckpointError(f"{source}: buffer {key} has shape {tuple(got.shape)}, expected {tuple(want.shape)} "
+                                  f"for {config}")
+        if key == "mask":
+            if not torch.equal(got.float(), want):
+                raise CheckpointError(f"{source}: the attention mask is not block-causal over {config.cell_size}x"
+                                      f"{config.cell_size} cells; the checkpoint was made for another cell layout")
+            continue
+        diff = (got.float() - want).abs().max().item()
+        if diff > ROPE_ERROR_TOLERANCE:
+            raise CheckpointError(f"{source}: buffer {key} differs from xAR's 2D RoPE by up to {diff:.3g}; the model "
+                                  "used another rotary embedding, which this implementation does not support")
+        if diff > ROPE_WARN_TOLERANCE:
+            warnings.warn(f"{source}: buffer {key} differs from the computed RoPE table by up to {diff:.3g} (more than "
+                          "float rounding); using the computed table", stacklevel=3)
+
+
+def _split_buffers(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    is_buffer = lambda k: k == "mask" or ".attn.rope." in k  # noqa: E731
+    params = {k: v for k, v in state_dict.items() if not is_buffer(k)}
+    buffers = {k: v for k, v in state_dict.items() if is_buffer(k)}
+    return params, buffers
+
+
+def build_model(state_dict: dict[str, torch.Tensor], source: str, config: XARConfig | None = None, *,
+                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> XARTransformer:
+    """An inference-only :class:`XARTransformer` from a state dict (released or ours), strictly checked."""
+    params, buffers = _split_buffers(state_dict)
+    if config is None:
+        try:
+            config = infer_config(state_dict)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{source}: {exc.args[0]}; is this an xAR checkpoint?") from exc
+    if buffers:
+        check_released_buffers(buffers, config, source)
+    with torch.device("meta"):
+        model = XARTransformer(config)
+    load_strict(model, params, source, device=device, dtype=dtype)
+    model.reset_rope_tables()
+    return model.eval().requires_grad_(False)
+
+
+def _defaults_for(config: XARConfig) -> tuple[int, float]:
+    preset = preset_for_config(config)
+    if preset is None:
+        return FALLBACK_NUM_INFERENCE_STEPS, FALLBACK_GUIDANCE_SCALE
+    return preset.num_inference_steps, preset.guidance_scale
+
+
+def _read_config_json(path: Path) -> tuple[XARConfig, int | None, float | None]:
+    try:
+        data = json.loads(path.read_text())
+        config = XARConfig.from_dict(data["xar_config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a valid xar_infer config ({exc}); re-run xar-convert") from exc
+    return config, data.get("num_inference_steps"), data.get("guidance_scale")
+
+
+def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a released ``.pth``, a ``.safetensors`` file (config from ``config.json`` beside it or
+    from the shapes), or a directory written by :func:`convert_checkpoint`."""
+    path = Path(path)
+    weights, config_file = path, None
+    if path.is_dir():
+        weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
+    elif path.suffix == ".safetensors" and (path.parent / CONFIG_NAME).is_file():
+        config_file = path.parent / CONFIG_NAME
+    config = steps = scale = None
+    if config_file is not None:
+        if not config_file.is_file():
+            raise CheckpointError(f"{path} has no {CONFIG_NAME}; a model directory needs {WEIGHTS_NAME} and {CONFIG_NAME}")
+        config, steps, scale = _read_config_json(config_file)
+    model = build_model(read_state_dict(weights), str(weights), config, dtype=dtype, device=device)
+    default_steps, default_scale = _defaults_for(model.config)
+    return LoadedModel(model, steps or default_steps, scale or default_scale, str(weights))
+
+
+def hub_download(repo_id: str, filename: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 local_files_only: bool = False) -> Path:
+    """Path of ``filename`` from a Hugging Face repo, downloaded or from the local cache."""
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=local_files_only))
+    except LocalEntryNotFoundError as exc:
+        raise CheckpointError(
+            f"{filename} of {repo_id} is not in the Hugging Face cache and cannot be downloaded (offline, "
+            f"local_files_only, or no connection). Download it where you are online (`hf download {repo_id} "
+            f"{filename}`), or pass the local file: XARPipeline.from_pretrained('/path/to/{filename}') or "
+            "xar-generate --checkpoint /path/to/file"
+        ) from exc
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+        raise CheckpointError(f"cannot fetch {filename} from Hub repo {repo_id} at revision {revision or 'main'}: "
+                              f"{type(exc).__name__}; check the name and revision") from exc
+    except HfHubHTTPError as exc:
+        raise CheckpointError(f"downloading {filename} from {repo_id} failed: {exc}") from exc
+
+
+def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu", revision: str | None = None,
+                    cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> LoadedModel:
+    """Resolve a preset name (``xar-b``), a local path, or a Hub repo id in our format, and load it."""
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    preset = find_preset(str(name_or_path))
+    if preset is not None:
+        path = hub_download(preset.hub_repo_id, preset.hub_filename, **hub)
+        loaded = load_local(path, dtype=dtype, device=device)
+        return LoadedModel(loaded.model, preset.num_inference_steps, preset.guidance_scale, loaded.source)
+    if Path(name_or_path).exists():
+        return load_local(name_or_path, dtype=dtype, device=device)
+    name = str(name_or_path)
+    if name.count("/") == 1 and not name.endswith((".safetensors", *PICKLE_SUFFIXES)):
+        config_path = hub_download(name, CONFIG_NAME, **hub)
+        hub_download(name, WEIGHTS_NAME, **hub)
+        return load_local(config_path.parent, dtype=dtype, device=device)
+    raise CheckpointError(f"{name!r} is not a preset ({', '.join(PRESETS)}), an existing file or directory, "
+                          "or a Hub repo id (owner/name)")
+
+
+def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Convert a released ``.pth`` into ``out_dir/model.safetensors`` + ``out_dir/config.json``.
+
+    The checkpoint is fully validated first (it is loaded into a model). Existing files are kept
+    unless ``overwrite``.
+    """
+    loaded = load_local(source)
+    out_dir = Path(out_dir)
+    targets = [out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist; choose another directory or pass overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_safetensors(loaded.model.state_dict(), targets[0])
+    targets[1].write_text(json.dumps({
+        "xar_config": loaded.model.config.to_dict(),
+        "num_inference_steps": loaded.num_inference_steps,
+        "guidance_scale": loaded.guidance_scale,
+    }, indent=2) + "\n")
+    return out_dir

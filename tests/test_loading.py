@@ -1,0 +1,233 @@
+"""Checkpoint formats: strict released-format loading, derived-buffer checks, conversion, the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from xar_infer import CheckpointError, XARPipeline, convert_checkpoint
+from xar_infer.loading import load_local, load_pretrained, released_buffers
+
+from conftest import TINY_CONFIG, random_transformer, released_state_dict
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _latents(pipe, seed=0, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe([3, 9], num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(seed),
+                output_type="latent", **kwargs).images
+
+
+def _save(tmp_path, state, name="ckpt.pth"):
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def test_released_checkpoint_loads_exactly(tiny_model, tiny_checkpoint):
+    loaded = load_local(tiny_checkpoint).model
+    assert loaded.config == tiny_model.config
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_missing_tensor_is_named(tmp_path, tiny_model):
+    state = released_state_dict(tiny_model)
+    del state["decoder_blocks.0.mlp.fc2.bias"]
+    with pytest.raises(CheckpointError, match=r"missing tensors decoder_blocks\.0\.mlp\.fc2\.bias"):
+        load_local(_save(tmp_path, state))
+
+
+def test_unexpected_tensor_is_named(tmp_path, tiny_model):
+    state = released_state_dict(tiny_model)
+    state["fake_latent"] = torch.zeros(1, 32)
+    with pytest.raises(CheckpointError, match=r"unexpected tensors fake_latent"):
+        load_local(_save(tmp_path, state))
+
+
+def test_wrongly_shaped_tensor_is_named(tmp_path, tiny_model):
+    state = released_state_dict(tiny_model)
+    state["encoder_blocks.0.attn.proj.weight"] = torch.zeros(32, 31)
+    with pytest.raises(CheckpointError, match=r"encoder_blocks\.0\.attn\.proj\.weight \(expected \(32, 32\), got \(32, 31\)\)"):
+        load_local(_save(tmp_path, state))
+
+
+def test_missing_released_buffer_is_an_error(tmp_path, tiny_model):
+    state = released_state_dict(tiny_model)
+    del state["decoder_blocks.0.attn.rope.freqs_sin"]
+    with pytest.raises(CheckpointError, match=r"missing buffer\(s\) decoder_blocks\.0\.attn\.rope\.freqs_sin"):
+        load_local(_save(tmp_path, state))
+
+
+def test_foreign_mask_is_an_error(tmp_path, tiny_model):
+    state = released_state_dict(tiny_model)
+    state["mask"] = state["mask"].clone()
+    state["mask"][..., 64:, :] = 0  # later cells would see the future: not xAR's causal order
+    with pytest.raises(CheckpointError, match="not block-causal"):
+        load_local(_save(tmp_path, state))
+
+
+def test_foreign_rope_is_an_error_and_rounding_is_silent(tmp_path, tiny_model, recwarn):
+    state = released_state_dict(tiny_model)
+    state["encoder_blocks.0.attn.rope.freqs_cos"] = state["encoder_blocks.0.attn.rope.freqs_cos"] + 1e-7
+    load_local(_save(tmp_path, state, "rounded.pth"))
+    assert not [w for w in recwarn if "RoPE" in str(w.message)]
+    state["encoder_blocks.0.attn.rope.freqs_cos"] = state["encoder_blocks.0.attn.rope.freqs_sin"]
+    with pytest.raises(CheckpointError, match=r"freqs_cos differs from xAR's 2D RoPE"):
+        load_local(_save(tmp_path, state, "foreign.pth"))
+
+
+def test_corrupted_file_is_an_error(tmp_path):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(b"\x80\x02 this is not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="corrupted|refusing"):
+        load_local(path)
+
+
+def test_truncated_file_is_an_error(tmp_path, tiny_checkpoint):
+    path = tmp_path / "truncated.pth"
+    path.write_bytes(tiny_checkpoint.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_local(path)
+
+
+class Payload:
+    """Stands for an arbitrary pickled object, which must never be unpickled."""
+
+
+def test_arbitrary_objects_are_not_unpickled(tmp_path, tiny_model):
+    state = released_state_dict(tiny_model)
+    state["payload"] = Payload()
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_local(_save(tmp_path, state))
+
+
+def test_not_an_xar_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is this an xAR checkpoint"):
+        load_local(_save(tmp_path, {"weight": torch.zeros(3)}))
+
+
+def test_unknown_name_is_an_error():
+    with pytest.raises(CheckpointError, match="not a preset"):
+        load_pretrained("no-such-model.pth")
+
+
+def test_conversion_round_trip(tmp_path, tiny_checkpoint):
+    out = convert_checkpoint(tiny_checkpoint, tmp_path / "converted")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["xar_config"] == TINY_CONFIG.to_dict()
+    reference = _latents(XARPipeline.from_pretrained(tiny_checkpoint))
+    assert torch.equal(_latents(XARPipeline.from_pretrained(out)), reference)
+    assert torch.equal(_latents(XARPipeline.from_pretrained(out / "model.safetensors")), reference)
+
+
+def test_conversion_keeps_existing_files(tmp_path, tiny_checkpoint):
+    out = convert_checkpoint(tiny_checkpoint, tmp_path / "converted")
+    (out / "config.json").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exist"):
+        convert_checkpoint(tiny_checkpoint, out)
+    assert (out / "config.json").read_text() == "mine"
+    convert_checkpoint(tiny_checkpoint, out, overwrite=True)
+    assert json.loads((out / "config.json").read_text())["xar_config"]["dim"] == TINY_CONFIG.dim
+
+
+def test_bad_config_json_is_an_error(tmp_path, tiny_checkpoint):
+    out = convert_checkpoint(tiny_checkpoint, tmp_path / "converted")
+    (out / "config.json").write_text(json.dumps({"xar_config": {"dim": 32, "depth": 3}}))
+    with pytest.raises(CheckpointError, match="not a valid xar_infer config"):
+        load_local(out)
+
+
+def test_preset_defaults_follow_the_architecture(tmp_path):
+    """A converted checkpoint of an unknown architecture falls back to neutral sampling defaults."""
+    loaded = load_local(_save(tmp_path, released_state_dict(random_transformer())))
+    assert (loaded.num_inference_steps, loaded.guidance_scale) == (50, 1.0)
+
+
+# ---- Hugging Face Hub, offline, through a real cache layout (no mocking of our code) ----
+
+def _fake_hub_cache(root: Path, repo_id: str, files: dict[str, bytes], commit: str = "0" * 40) -> Path:
+    repo_dir = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return root
+
+
+def _run_offline(code: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(SRC)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_preset_loads_from_the_hub_cache_offline(tmp_path, tiny_checkpoint):
+    cache = _fake_hub_cache(tmp_path / "hub", "OliverRen/xAR", {"xAR-B.pth": tiny_checkpoint.read_bytes()})
+    reference = _latents(XARPipeline.from_pretrained(tiny_checkpoint))
+    torch.save(reference, tmp_path / "reference.pt")
+    result = _run_offline(f"""
+        import torch
+        from xar_infer import XARPipeline
+        pipe = XARPipeline.from_pretrained("xar-b")
+        assert (pipe.default_num_inference_steps, pipe.default_guidance_scale) == (40, 2.7)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe([3, 9], num_inference_steps=3, guidance_scale=2.0,
+                   generator=torch.Generator().manual_seed(0), output_type="latent").images
+        assert torch.equal(out, torch.load(r"{tmp_path / 'reference.pt'}")), "hub copy differs"
+        print("ok")
+    """, cache)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_hub_repo_in_our_format_loads_offline(tmp_path, tiny_checkpoint):
+    converted = convert_checkpoint(tiny_checkpoint, tmp_path / "converted")
+    files = {name: (converted / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    cache = _fake_hub_cache(tmp_path / "hub", "someone/xar-tiny", files)
+    result = _run_offline("""
+        from xar_infer import XARPipeline
+        pipe = XARPipeline.from_pretrained("someone/xar-tiny")
+        print(pipe.transformer.config.dim)
+    """, cache)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(TINY_CONFIG.dim)
+
+
+def test_offline_and_not_cached_says_how_to_pass_a_local_file(tmp_path):
+    cache = tmp_path / "empty-hub"
+    cache.mkdir()
+    result = _run_offline("""
+        from xar_infer import XARPipeline, CheckpointError
+        try:
+            XARPipeline.from_pretrained("xar-l")
+        except CheckpointError as exc:
+            print(exc)
+    """, cache)
+    assert result.returncode == 0, result.stderr
+    assert "xAR-L.pth of OliverRen/xAR is not in the Hugging Face cache" in result.stdout
+    assert "from_pretrained('/path/to/xAR-L.pth')" in result.stdout
+
+
+def test_local_files_only_without_cache(tmp_path):
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        load_pretrained("xar-h", cache_dir=tmp_path, local_files_only=True)
+
+
+def test_released_buffers_match_the_official_file(parity_dir):
+    """Our derived buffers equal those the official code stored (all but the one perturbed table)."""
+    state = torch.load(parity_dir / "xar_tiny.pth", weights_only=True)
+    from xar_infer.config import infer_config
+
+    ours = released_buffers(infer_config(state))
+    exact = [k for k in ours if torch.equal(ours[k], state[k])]
+    assert sorted(set(ours) - set(exact)) == ["encoder_blocks.0.attn.rope.freqs_cos"]
