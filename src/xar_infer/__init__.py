@@ -1,0 +1,21 @@
+"""xar_infer: exact, fast inference for xAR class-conditional image generators."""
+
+from .checkpoint_io import CheckpointError
+from .config import PRESETS, XARConfig
+from .loading import convert_checkpoint
+from .model import KVCache, XARTransformer
+from .pipeline import XARPipeline, XARPipelineOutput
+from .vae import load_vae
+
+__all__ = [
+    "CheckpointError",
+    "KVCache",
+    "PRESETS",
+    "XARConfig",
+    "XARPipeline",
+    "XARPipelineOutput",
+    "XARTransformer",
+    "convert_checkpoint",
+    "load_vae",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,149 @@
+"""XARPipeline: class labels in, images out, with diffusers' conventions."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .imagenet import resolve_class_labels
+from .loading import load_pretrained
+from .model import XARTransformer
+from .sampling import GUIDANCE_SCHEDULES, SAMPLERS, NoiseSource, evaluations_per_cell, generate_tokens
+from .vae import AutoencoderKLDecoder, load_vae
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class XARPipelineOutput:
+    """``images``: a list of PIL images, an array [B, H, W, 3] in [0, 1] (``np``), a tensor
+    [B, 3, H, W] in [0, 1] (``pt``), or the latent [B, C, h, w] before VAE scaling (``latent``)."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+
+
+class XARPipeline:
+    """Class-conditional image generation with an xAR transformer and a KL VAE decoder.
+
+    Example::
+
+        pipe = XARPipeline.from_pretrained("xar-b", vae="kl16.ckpt", device="cuda", dtype=torch.bfloat16)
+        images = pipe(["golden retriever", 88], generator=torch.Generator("cuda").manual_seed(0)).images
+        images[0].save("retriever.png")
+    """
+
+    def __init__(self, transformer: XARTransformer, vae: AutoencoderKLDecoder | None = None, *,
+                 num_inference_steps: int = 50, guidance_scale: float = 1.0):
+        self.transformer = transformer
+        self.vae = vae
+        self.default_num_inference_steps = num_inference_steps
+        self.default_guidance_scale = guidance_scale
+        self._progress_bar_config: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, vae: str | os.PathLike | AutoencoderKLDecoder | None = None, *,
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False) -> "XARPipeline":
+        """Load a transformer and, optionally, the VAE.
+
+        ``name_or_path``: a preset (``"xar-b"``, ``"xar-l"``, ``"xar-h"``: the released weights from the
+        Hugging Face Hub), a local released ``.pth``, a ``.safetensors`` file or a directory made by
+        ``xar-convert``, or a Hub repo id holding such a directory. ``vae``: MAR's ``kl16.ckpt`` (or a
+        safetensors export) or an already loaded decoder; without it only ``output_type="latent"`` works.
+        The VAE stays fp32 unless you pass a decoder in another dtype.
+        """
+        loaded = load_pretrained(name_or_path, dtype=dtype, device=device, revision=revision,
+                                 cache_dir=cache_dir, local_files_only=local_files_only)
+        if vae is not None and not isinstance(vae, AutoencoderKLDecoder):
+            vae = load_vae(vae, device=device)
+        return cls(loaded.model, vae, num_inference_steps=loaded.num_inference_steps,
+                   guidance_scale=loaded.guidance_scale)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.z_proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.z_proj.weight.dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "XARPipeline":
+        """Move the transformer (and the VAE, which keeps its own dtype) to ``device``; cast the transformer to ``dtype``."""
+        self.transformer.to(device=device, dtype=dtype)
+        if self.vae is not None and device is not None:
+            self.vae.to(device=device)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options for the tqdm progress bar, e.g. ``disable=True``."""
+        self._progress_bar_config = dict(kwargs)
+
+    def _check_arguments(self, num_inference_steps, guidance_scale, output_type, sampler, guidance_schedule) -> None:
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not math.isfinite(guidance_scale) or guidance_scale < 1:
+            raise ValueError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        if output_type != "latent" and self.vae is None:
+            raise ValueError("this pipeline has no VAE to decode images: pass vae='path/to/kl16.ckpt' to "
+                             "from_pretrained, or use output_type='latent'")
+
+    @torch.inference_mode()
+    def __call__(self, class_labels: int | str | Sequence[int | str] | torch.Tensor,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 output_type: str = "pil", sampler: str = "sde", guidance_schedule: str = "linear",
+                 return_dict: bool = True) -> XARPipelineOutput | tuple:
+        """Generate one image per class label.
+
+        ``class_labels``: ImageNet ids or names (``"golden retriever"``). Steps and guidance default to the
+        model's official settings. ``generator``: one generator reproduces the released code's random draw
+        order (on CPU, the same latents as the official sampler after ``torch.manual_seed``); a list with
+        one generator per image makes each image independent of the batch. ``sampler``: ``"sde"`` (the
+        released sampler), ``"euler"`` or ``"heun"`` (deterministic ODE). ``guidance_schedule``:
+        ``"linear"`` (released: no guidance on the first cell, full scale on the last) or ``"constant"``.
+        """
+        steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+        scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        self._check_arguments(steps, scale, output_type, sampler, guidance_schedule)
+        config = self.transformer.config
+        labels = torch.tensor(resolve_class_labels(class_labels, config.num_classes), device=self.device)
+
+        total = config.num_cells * evaluations_per_cell(sampler, steps)
+        with tqdm(**{"total": total, "unit": "eval", **self._progress_bar_config}) as progress:
+            latent = generate_tokens(
+                self.transformer, labels, steps, scale, NoiseSource(generator, len(labels), self.device),
+                sampler=sampler, guidance_schedule=guidance_schedule, on_evaluation=lambda: progress.update(1),
+            )
+
+        if output_type == "latent":
+            images = latent
+        else:
+            vae_dtype = next(self.vae.parameters()).dtype
+            decoded = self.vae.decode((latent / config.latent_scale).to(vae_dtype)).float()
+            images = ((decoded + 1) / 2).clamp(0, 1).cpu()
+            if output_type == "np":
+                images = images.permute(0, 2, 3, 1).numpy()
+            elif output_type == "pil":
+                images = to_pil(images)
+        return XARPipelineOutput(images) if return_dict else (images,)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> PIL images, rounded to the nearest level as the released evaluation does."""
+    pixels = (images * 255).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(p) for p in pixels]
