@@ -1,0 +1,129 @@
+"""XARPipeline: output types, decoding, argument checks, class names, progress bar, dtypes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xar_infer import XARPipeline, load_vae
+
+
+@pytest.fixture
+def pipe(tiny_checkpoint, tiny_vae_checkpoint):
+    pipe = XARPipeline.from_pretrained(tiny_checkpoint, vae=tiny_vae_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, labels=(1, 2), seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("guidance_scale", 2.0)
+    return pipe(list(labels), generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def test_output_types_agree(pipe, tiny_vae_checkpoint):
+    latent = _run(pipe, output_type="latent")
+    pt = _run(pipe, output_type="pt")
+    np_images = _run(pipe, output_type="np")
+    pil = _run(pipe, output_type="pil")
+    assert latent.shape == (2, 16, 16, 16)
+    assert pt.shape == (2, 3, 32, 32) and pt.min() >= 0 and pt.max() <= 1
+    assert isinstance(np_images, np.ndarray) and np_images.shape == (2, 32, 32, 3)
+    assert np.array_equal(np_images, pt.permute(0, 2, 3, 1).numpy())
+    assert all(isinstance(im, Image.Image) and im.size == (32, 32) and im.mode == "RGB" for im in pil)
+    assert np.array_equal(np.asarray(pil[1]), np.round(np.clip(np_images[1] * 255, 0, 255)).astype(np.uint8))
+    # Decoding is the official recipe: vae.decode(latent / 0.2325), then (x + 1) / 2.
+    vae = load_vae(tiny_vae_checkpoint)
+    expected = ((vae.decode(latent / 0.2325) + 1) / 2).clamp(0, 1)
+    assert torch.allclose(pt, expected, atol=1e-6)
+
+
+def test_return_dict_false(pipe):
+    out = pipe([1], num_inference_steps=2, output_type="latent", return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (1, 16, 16, 16)
+
+
+def test_class_names_resolve(pipe):
+    by_name = _run(pipe, labels=("goldfish", "Tinca tinca"), output_type="latent")
+    by_id = _run(pipe, labels=(1, 0), output_type="latent")
+    assert torch.equal(by_name, by_id)
+
+
+def test_single_label_and_tensor_labels(pipe):
+    one = pipe(207, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    tensor = pipe(torch.tensor([207]), num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="latent").images
+    assert one.shape == (1, 16, 16, 16) and torch.equal(one, tensor)
+
+
+def test_defaults_come_from_the_checkpoint(pipe):
+    # an architecture that is no preset: 50 steps, no guidance
+    assert (pipe.default_num_inference_steps, pipe.default_guidance_scale) == (50, 1.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
+    (dict(num_inference_steps=-2), "num_inference_steps must be a positive integer"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be a positive integer"),
+    (dict(num_inference_steps=True), "num_inference_steps must be a positive integer"),
+    (dict(guidance_scale=0.5), "guidance_scale must be a finite number >= 1"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number >= 1"),
+    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number >= 1"),
+    (dict(output_type="jpg"), "output_type must be one of"),
+    (dict(sampler="ddim"), "sampler must be one of"),
+    (dict(guidance_schedule="cosine"), "guidance_schedule must be one of"),
+])
+def test_bad_arguments(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _run(pipe, **kwargs)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (("crane",), "ambiguous"),
+    (("golden retreiver",), "golden retriever"),
+    ((1000,), "out of range"),
+    ((), "no class labels"),
+])
+def test_bad_labels(pipe, labels, message):
+    with pytest.raises(ValueError, match=message):
+        _run(pipe, labels=labels)
+
+
+def test_images_need_a_vae(tiny_checkpoint):
+    pipe = XARPipeline.from_pretrained(tiny_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="no VAE"):
+        _run(pipe)
+    assert _run(pipe, output_type="latent").shape == (2, 16, 16, 16)
+
+
+def test_progress_bar_can_be_switched_off(pipe, capsys):
+    pipe.set_progress_bar_config(disable=False, desc="xar")
+    _run(pipe, output_type="latent")
+    assert "xar" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+    _run(pipe, output_type="latent")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_runs_close_to_fp32(tiny_checkpoint, dtype):
+    """Half-precision weights with the sampler state in float64: the result stays near fp32's. The bound
+    is this random model's sensitivity, not a quality claim: measured relative errors are 0.008 (fp16)
+    and 0.04 (bf16), about 2^-7 and 2^-5, i.e. a few units of each format's rounding; bounds are 4x that."""
+    ref = XARPipeline.from_pretrained(tiny_checkpoint)
+    low = XARPipeline.from_pretrained(tiny_checkpoint, dtype=dtype)
+    assert low.dtype == dtype
+    for p in (ref, low):
+        p.set_progress_bar_config(disable=True)
+    a, b = _run(ref, output_type="latent"), _run(low, output_type="latent")
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    relative = ((a - b).norm() / a.norm()).item()
+    assert relative < (0.03 if dtype == torch.float16 else 0.16)
+
+
+def test_to_casts_the_transformer_and_keeps_rope_exact(tiny_checkpoint):
+    pipe = XARPipeline.from_pretrained(tiny_checkpoint).to(dtype=torch.float16)
+    assert pipe.dtype == torch.float16 and pipe.transformer.rope_cos.dtype == torch.float32
