@@ -231,3 +231,9 @@ def test_released_buffers_match_the_official_file(parity_dir):
     ours = released_buffers(infer_config(state))
     exact = [k for k in ours if torch.equal(ours[k], state[k])]
     assert sorted(set(ours) - set(exact)) == ["encoder_blocks.0.attn.rope.freqs_cos"]
+
+
+def test_a_local_file_wins_over_a_preset_name(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("xar-b").write_bytes(tiny_checkpoint.read_bytes())
+    assert load_pretrained("xar-b").model.config == TINY_CONFIG  # no Hub lookup for an existing path

@@ -27,7 +27,7 @@ def read_state_dict(path: str | os.PathLike, nested_key: str | None = None) -> d
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path} (check the path, or pass a preset name)")
+        raise CheckpointError(f"file not found: {path}")
     if path.suffix == ".safetensors":
         try:
             return load_file(path, device="cpu")

@@ -181,13 +181,13 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = tor
                     cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> LoadedModel:
     """Resolve a preset name (``xar-b``), a local path, or a Hub repo id in our format, and load it."""
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    if Path(name_or_path).exists():  # a local file wins over a preset or repo id of the same name
+        return load_local(name_or_path, dtype=dtype, device=device)
     preset = find_preset(str(name_or_path))
     if preset is not None:
         path = hub_download(preset.hub_repo_id, preset.hub_filename, **hub)
         loaded = load_local(path, dtype=dtype, device=device)
         return LoadedModel(loaded.model, preset.num_inference_steps, preset.guidance_scale, loaded.source)
-    if Path(name_or_path).exists():
-        return load_local(name_or_path, dtype=dtype, device=device)
     name = str(name_or_path)
     if name.count("/") == 1 and not name.endswith((".safetensors", *PICKLE_SUFFIXES)):
         config_path = hub_download(name, CONFIG_NAME, **hub)
@@ -203,12 +203,12 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     The checkpoint is fully validated first (it is loaded into a model). Existing files are kept
     unless ``overwrite``.
     """
-    loaded = load_local(source)
     out_dir = Path(out_dir)
     targets = [out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist; choose another directory or pass overwrite")
+        raise FileExistsError(f"{', '.join(existing)} already exist; choose another directory or pass overwrite=True")
+    loaded = load_local(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_safetensors(loaded.model.state_dict(), targets[0])
     targets[1].write_text(json.dumps({

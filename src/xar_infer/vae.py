@@ -208,7 +208,10 @@ def load_vae(
         raw = {k.removeprefix("model."): v for k, v in raw.items() if k.startswith("model.")}
     sd = {k: v for k, v in raw.items() if not k.startswith(IGNORED_PREFIXES)}
 
-    cfg = infer_vae_config(sd)
+    try:
+        cfg = infer_vae_config(sd)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     if ch_mult is not None and tuple(ch_mult) != cfg.ch_mult:
         raise CheckpointError(
             f"{path}: ch_mult={tuple(ch_mult)} was asked for but the checkpoint's shapes say "

@@ -1,0 +1,412 @@
+"""Command-line tools: ``xar-generate`` (class labels in, PNG files out) and ``xar-convert``.
+
+Both report every expected failure as one line ``<prog>: error: <message>`` on stderr and exit 2.
+Everything that can be checked without the model (arguments, device, output files) is checked
+before the weights are loaded, so a typo costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from . import __version__
+from .checkpoint_io import CheckpointError
+from .config import PRESETS, find_preset
+from .imagenet import IMAGENET_NUM_CLASSES, class_name, resolve_class_label
+from .loading import CONFIG_NAME, WEIGHTS_NAME, convert_checkpoint
+from .pipeline import XARPipeline
+from .sampling import GUIDANCE_SCHEDULES, SAMPLERS
+from .vae import load_vae
+
+GENERATE_PROG = "xar-generate"
+CONVERT_PROG = "xar-convert"
+DEFAULT_MODEL = "xar-b"
+DEFAULT_CLASS = "207"  # golden retriever
+LATENTS_FILE = "latents.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's upper bound
+
+VAE_HINT = (
+    "decoding images needs MAR's KL-16 VAE: pass --vae path/to/kl16.ckpt (from the MAR project, "
+    "https://github.com/LTH14/mar, or its Hugging Face mirror jadechoghari/mar), "
+    "or pass --latents-only to save the latents without decoding"
+)
+
+# Failures a user can cause (bad input, files, devices, downloads). Anything else is a bug and keeps
+# its traceback.
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, RuntimeError, SafetensorError)
+
+_INT = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared plumbing
+# --------------------------------------------------------------------------------------------------
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch adds multi-line details below it)."""
+    # str() of a KeyError is the repr of its key, quotes included.
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    message = _first_line(text) or type(exc).__name__
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        message += " (try a smaller --batch-size or --dtype bf16)"
+    return message
+
+
+def _run(prog: str, action: Callable[[], None]) -> int:
+    """Run ``action``; turn user errors into one stderr line and exit status 2."""
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {_first_line(str(message))}", file=sys.stderr)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            action()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_targets(paths: Sequence[Path], overwrite: bool) -> None:
+    """Refuse to replace existing files unless ``overwrite``; never replace a directory."""
+    for path in paths:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory; it cannot be replaced by an output file")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass --overwrite to replace it, "
+                                  "or choose another output directory")
+
+
+def ensure_writable_dir(directory: Path) -> None:
+    """Create ``directory`` if needed and prove a file can be created in it."""
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"output directory {directory} exists and is not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".xar-write-test-"):
+            pass
+    except OSError as exc:
+        raise OSError(f"cannot write to output directory {directory}: {exc.strerror or exc}") from None
+
+
+def prepare_outputs(paths: Sequence[Path], overwrite: bool) -> None:
+    check_targets(paths, overwrite)
+    for directory in dict.fromkeys(path.parent for path in paths):
+        ensure_writable_dir(directory)
+
+
+# --------------------------------------------------------------------------------------------------
+# xar-generate
+# --------------------------------------------------------------------------------------------------
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=GENERATE_PROG,
+        description="Generate ImageNet class-conditional images with an xAR model.",
+        epilog=f"example: {GENERATE_PROG} --vae kl16.ckpt --class 'golden retriever' --class 88 "
+               "--num-images 8 --output out --grid grid.png",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+    what = parser.add_argument_group("what to generate")
+    what.add_argument("--class", dest="classes", action="append", metavar="CLASS",
+                      help="ImageNet class id or name; repeat for several (images cycle through them). "
+                           f"Default: {DEFAULT_CLASS} (golden retriever)")
+    what.add_argument("--num-images", type=int, metavar="N",
+                      help="number of images (default: one per --class)")
+    what.add_argument("--seed", type=int, default=0,
+                      help="image i uses seed SEED+i, whatever the batch size (default: 0)")
+
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--steps", type=int, help="sampling steps per cell (default: the model's official setting)")
+    sampling.add_argument("--cfg", type=float,
+                          help="classifier-free guidance scale, >= 1 (default: the model's official setting)")
+    sampling.add_argument("--sampler", choices=SAMPLERS, default="sde", help="default: sde (the released sampler)")
+    sampling.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="linear",
+                          help="default: linear (the released schedule)")
+    sampling.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+
+    model = parser.add_argument_group("model")
+    source = model.add_mutually_exclusive_group()
+    source.add_argument("--model", help=f"released model: {', '.join(PRESETS)} (default: {DEFAULT_MODEL}), "
+                                        "downloaded from the Hugging Face Hub")
+    source.add_argument("--checkpoint", metavar="PATH",
+                        help="local weights: a released .pth, a .safetensors file or an xar-convert directory")
+    model.add_argument("--revision", help="Hub revision of the --model weights")
+    model.add_argument("--cache-dir", metavar="DIR", help="Hugging Face cache directory for --model")
+    model.add_argument("--local-files-only", action="store_true", help="do not download; use the Hub cache only")
+    model.add_argument("--vae", metavar="PATH", help="MAR's KL-16 VAE (kl16.ckpt), needed to decode images")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (default: cuda if available, else cpu)")
+    model.add_argument("--dtype", choices=DTYPES, default="fp32", help="transformer precision (default: fp32)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output", default="out", metavar="DIR", help="directory for the images (default: out)")
+    output.add_argument("--grid", metavar="FILE", help="also save all images as one grid .png")
+    output.add_argument("--latents-only", action="store_true",
+                        help=f"skip the VAE; save the latents to DIR/{LATENTS_FILE} instead of images")
+    output.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    output.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return parser
+
+
+def validate_generate_args(args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on other options; check what needs neither the model nor
+    more of the file system than whether the input files exist."""
+    if not args.classes:
+        args.classes = [DEFAULT_CLASS]
+    if args.num_images is None:
+        args.num_images = len(args.classes)
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 1):
+        raise ValueError(f"--cfg must be a finite number >= 1 (1 turns guidance off), got {args.cfg}")
+    if args.seed < 0 or args.seed + args.num_images - 1 > MAX_SEED:
+        raise ValueError(f"--seed must be between 0 and {MAX_SEED - args.num_images + 1} for "
+                         f"{args.num_images} image(s), got {args.seed}")
+
+    if args.checkpoint is not None:
+        if args.revision or args.cache_dir or args.local_files_only:
+            raise ValueError("--revision, --cache-dir and --local-files-only apply to --model only; "
+                             "--checkpoint is read from disk as it is")
+        if not Path(args.checkpoint).exists():
+            raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    elif find_preset(args.model or DEFAULT_MODEL) is None:
+        raise ValueError(f"unknown model {args.model!r}: choose one of {', '.join(PRESETS)}, "
+                         "or pass --checkpoint PATH for local weights")
+
+    if args.latents_only:
+        if args.grid is not None:
+            raise ValueError("--grid needs decoded images; it cannot be combined with --latents-only")
+    elif args.vae is None:
+        raise ValueError(VAE_HINT)
+    elif not Path(args.vae).is_file():
+        raise FileNotFoundError(f"VAE checkpoint not found: {args.vae}")
+    if args.grid is not None and Path(args.grid).suffix.lower() != ".png":
+        raise ValueError(f"--grid must name a .png file, got {args.grid}")
+
+
+def check_device(text: str) -> torch.device:
+    """The torch device named ``text``, if this machine has it (torch itself fails late and obscurely)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {text!r} is not a torch device ({_one_line(exc)})") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available"):
+        raise ValueError(f"--device {text!r}: {device.type} devices cannot run generation; use cpu or cuda")
+    if not backend.is_available():
+        raise ValueError(f"--device {text!r}: no {device.type} device is available on this machine "
+                         f"(torch {torch.__version__}); use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {text!r}: this machine has {count} {device.type} device(s), "
+                         f"numbered from 0")
+    return device
+
+
+def resolve_classes(values: Sequence[str], num_classes: int | None) -> list[int]:
+    """The --class values as ids. With ``num_classes`` None (a checkpoint not read yet) names are
+    looked up in ImageNet-1k and ids are only checked to be non-negative; call again once it is known."""
+    if num_classes is not None:
+        return [resolve_class_label(value, num_classes) for value in values]
+    ids = []
+    for value in values:
+        if not _INT.fullmatch(value):
+            ids.append(resolve_class_label(value, IMAGENET_NUM_CLASSES))
+        elif int(value) < 0:
+            raise ValueError(f"class id {value!r} is negative; class ids start at 0")
+        else:
+            ids.append(int(value))
+    return ids
+
+
+def image_file_name(index: int, class_id: int, num_classes: int | None) -> str:
+    """``00003_207_golden_retriever.png`` for ImageNet models, ``00003_207.png`` otherwise."""
+    if num_classes != IMAGENET_NUM_CLASSES:
+        return f"{index:05d}_{class_id}.png"
+    short = class_name(class_id).replace(" ", "_").replace("'", "")
+    return f"{index:05d}_{class_id}_{short}.png"
+
+
+def plan_outputs(args: argparse.Namespace, num_classes: int | None) -> tuple[list[int], list[Path]]:
+    """The class id of every image and every file the run will write (images or the latents file,
+    then the grid), for a model with ``num_classes`` classes (None: a checkpoint not read yet)."""
+    classes = resolve_classes(args.classes, num_classes)
+    image_ids = [classes[i % len(classes)] for i in range(args.num_images)]
+    out = Path(args.output)
+    if args.latents_only:
+        return image_ids, [out / LATENTS_FILE]
+    if num_classes is None and max(image_ids) < IMAGENET_NUM_CLASSES:
+        # Name files as for ImageNet, like every released model; re-planned once the checkpoint is read.
+        num_classes = IMAGENET_NUM_CLASSES
+    paths = [out / image_file_name(i, c, num_classes) for i, c in enumerate(image_ids)]
+    return image_ids, paths + ([Path(args.grid)] if args.grid is not None else [])
+
+
+def load_pipeline(args: argparse.Namespace, device: torch.device) -> XARPipeline:
+    vae = None
+    if not args.latents_only:
+        # Loaded first: it is small, so a wrong --vae fails before the transformer is read.
+        vae = load_vae(args.vae, device=device)
+    if args.checkpoint is not None:
+        # Absolute, so that a relative path spelled like a preset or a Hub repo id stays a local path.
+        return XARPipeline.from_pretrained(Path(args.checkpoint).absolute(), vae=vae, dtype=DTYPES[args.dtype],
+                                           device=device)
+    return XARPipeline.from_pretrained(args.model or DEFAULT_MODEL, vae=vae, dtype=DTYPES[args.dtype], device=device,
+                                       revision=args.revision, cache_dir=args.cache_dir,
+                                       local_files_only=args.local_files_only)
+
+
+def make_grid(images: Sequence[Image.Image]) -> Image.Image:
+    """Images in rows of ceil(sqrt(n)), left to right, top to bottom; empty cells black."""
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for k, image in enumerate(images):
+        grid.paste(image, ((k % columns) * width, (k // columns) * height))
+    return grid
+
+
+def generate(args: argparse.Namespace) -> None:
+    """The whole xar-generate run, after argument parsing."""
+    validate_generate_args(args)
+    device = check_device(args.device)
+    preset = None if args.checkpoint is not None else find_preset(args.model or DEFAULT_MODEL)
+    known_classes = preset.config.num_classes if preset is not None else None
+    image_ids, targets = plan_outputs(args, known_classes)
+    prepare_outputs(targets, args.overwrite)
+
+    started = time.perf_counter()
+    pipe = load_pipeline(args, device)
+    num_classes = pipe.transformer.config.num_classes
+    if num_classes != known_classes:
+        image_ids, targets = plan_outputs(args, num_classes)
+        prepare_outputs(targets, args.overwrite)
+
+    steps = args.steps if args.steps is not None else pipe.default_num_inference_steps
+    cfg = args.cfg if args.cfg is not None else pipe.default_guidance_scale
+    results = run_batches(pipe, args, image_ids, steps, cfg, targets)
+    if args.latents_only:
+        save_latents(targets[0], results, image_ids, pipe, args, steps, cfg)
+    elif args.grid is not None:
+        make_grid(results).save(targets[-1])
+
+    if not args.quiet:
+        what = f"the latents of {args.num_images} image(s) to {targets[0]}" if args.latents_only \
+            else f"{args.num_images} image(s) to {Path(args.output)}/"
+        grid = f" and a grid to {args.grid}" if args.grid is not None else ""
+        print(f"wrote {what}{grid} ({steps} steps, cfg {cfg:g}, {args.sampler} sampler; "
+              f"{time.perf_counter() - started:.1f} s)")
+
+
+def run_batches(pipe: XARPipeline, args: argparse.Namespace, image_ids: Sequence[int], steps: int, cfg: float,
+                targets: Sequence[Path]) -> list:
+    """Generate in batches, saving each image as soon as it exists. Returns the images kept for a
+    grid, or the latents (one [1, C, h, w] CPU tensor per image) with --latents-only."""
+    n, size = len(image_ids), args.batch_size
+    batches = [range(start, min(start + size, n)) for start in range(0, n, size)]
+    kept = []
+    for number, batch in enumerate(batches, 1):
+        pipe.set_progress_bar_config(disable=args.quiet, desc=f"batch {number}/{len(batches)}", leave=False)
+        # One generator per image: image i depends on seed + i only, not on the batch it lands in.
+        generators = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in batch]
+        images = pipe([image_ids[i] for i in batch], num_inference_steps=steps, guidance_scale=cfg,
+                      generator=generators, output_type="latent" if args.latents_only else "pil",
+                      sampler=args.sampler, guidance_schedule=args.guidance_schedule).images
+        if args.latents_only:
+            kept.extend(images.float().cpu().split(1))
+            continue
+        for i, image in zip(batch, images):
+            image.save(targets[i])
+        if args.grid is not None:
+            kept.extend(images)
+    return kept
+
+
+def save_latents(path: Path, latents: Sequence[torch.Tensor], image_ids: Sequence[int], pipe: XARPipeline,
+                 args: argparse.Namespace, steps: int, cfg: float) -> None:
+    """``latents`` [N, C, h, w] in model scale (divide by ``latent_scale`` before the VAE) and ``labels`` [N]."""
+    tensors = {"latents": torch.cat(list(latents)).contiguous(),
+               "labels": torch.tensor(list(image_ids), dtype=torch.int64)}
+    metadata = {
+        "latent_scale": str(pipe.transformer.config.latent_scale),
+        "seed": str(args.seed),
+        "num_inference_steps": str(steps),
+        "guidance_scale": str(cfg),
+        "sampler": args.sampler,
+        "guidance_schedule": args.guidance_schedule,
+    }
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``xar-generate``; returns the exit status."""
+    args = build_generate_parser().parse_args(argv)
+    return _run(GENERATE_PROG, lambda: generate(args))
+
+
+# --------------------------------------------------------------------------------------------------
+# xar-convert
+# --------------------------------------------------------------------------------------------------
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=CONVERT_PROG,
+        description=f"Convert a released xAR .pth checkpoint into a directory with {WEIGHTS_NAME} and "
+                    f"{CONFIG_NAME}, loadable with xar-generate --checkpoint DIR.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("checkpoint", help="released checkpoint (.pth)")
+    parser.add_argument("output_dir", help="directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files in OUTPUT_DIR")
+    return parser
+
+
+def convert(args: argparse.Namespace) -> None:
+    if not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    out = Path(args.output_dir)
+    # Also proves the directory writable before the checkpoint is read.
+    prepare_outputs([out / WEIGHTS_NAME, out / CONFIG_NAME], args.overwrite)
+    out = convert_checkpoint(args.checkpoint, out, overwrite=args.overwrite)
+    print(f"wrote {out / WEIGHTS_NAME} and {out / CONFIG_NAME}")
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``xar-convert``; returns the exit status."""
+    args = build_convert_parser().parse_args(argv)
+    return _run(CONVERT_PROG, lambda: convert(args))
+
+
+if __name__ == "__main__":
+    sys.exit(generate_main())
