@@ -1,9 +1,8 @@
-"""Reading and writing weight files safely: `.pth`/`.ckpt` through `torch.load(weights_only=True)`
-(never full unpickling) and `.safetensors`."""
+"""Reading and writing weight files safely: `.safetensors`, and anything else (`.pth`, `.ckpt`, ...)
+through `torch.load(weights_only=True)`, never full unpickling."""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from pathlib import Path
@@ -11,8 +10,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
-PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
 class CheckpointError(ValueError):
@@ -33,10 +30,6 @@ def read_state_dict(path: str | os.PathLike, nested_key: str | None = None) -> d
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-download it") from exc
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(
-            f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors or one of {PICKLE_SUFFIXES}"
-        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -53,10 +46,9 @@ def read_state_dict(path: str | os.PathLike, nested_key: str | None = None) -> d
     return obj
 
 
-def write_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+def write_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write tensors (made contiguous, shared storage split) to a safetensors file."""
-    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
-    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, str(path))
 
 
 def _list_keys(keys: list[str], limit: int = 8) -> str:

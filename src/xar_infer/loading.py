@@ -24,7 +24,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .checkpoint_io import PICKLE_SUFFIXES, CheckpointError, load_strict, read_state_dict, write_safetensors
+from .checkpoint_io import CheckpointError, load_strict, read_state_dict, write_safetensors
 from .config import (
     FALLBACK_GUIDANCE_SCALE,
     FALLBACK_NUM_INFERENCE_STEPS,
@@ -37,6 +37,8 @@ from .config import (
 from .model import XARTransformer, block_causal_mask, rope_tables
 
 WEIGHTS_NAME = "model.safetensors"
+# A missing path with one of these endings is a mistyped file, not a Hub repo id.
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 CONFIG_NAME = "config.json"
 
 # A stored RoPE table may differ from ours by float rounding (another libm's cos); beyond
@@ -189,7 +191,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = tor
         loaded = load_local(path, dtype=dtype, device=device)
         return LoadedModel(loaded.model, preset.num_inference_steps, preset.guidance_scale, loaded.source)
     name = str(name_or_path)
-    if name.count("/") == 1 and not name.endswith((".safetensors", *PICKLE_SUFFIXES)):
+    if name.count("/") == 1 and not name.endswith(CHECKPOINT_SUFFIXES):
         config_path = hub_download(name, CONFIG_NAME, **hub)
         hub_download(name, WEIGHTS_NAME, **hub)
         return load_local(config_path.parent, dtype=dtype, device=device)
