@@ -136,7 +136,7 @@ def test_conditional_half_can_read_a_doubled_cache(model64):
 
 def test_prefix_must_be_whole_cells(tiny_model):
     cells = _cells(tiny_model.config, 1)
-    with pytest.raises(ValueError, match="whole cells"):
+    with pytest.raises(ValueError, match="whole cells of 64 tokens, got x 64 and prefix 5"):
         tiny_model(cells[1], torch.tensor([0]), torch.ones(1), tiny_model.new_cache(1), prefix=cells[0][:, :5])
 
 
@@ -172,3 +172,32 @@ def test_rope_tables_stay_fp32_when_the_model_is_cast():
     model = random_transformer(TINY_CONFIG).to(torch.bfloat16)
     assert model.rope_cos.dtype == torch.float32
     assert torch.equal(model.rope_cos, rope_tables(TINY_CONFIG)[0])
+
+
+def test_several_noisy_cells_in_one_call_equal_the_cached_protocol(model64):
+    """Training runs every cell at once with its own time. Each cell's velocity must equal running it
+    after the others were cached (at that same time, here 0 for the context cells)."""
+    config, B = model64.config, 2
+    labels = torch.tensor([2, 1000])
+    cells = _cells(config, B)
+    times = torch.tensor([[0.0, 0.0, 0.0, 0.8], [0.0, 0.0, 0.0, 0.35]], dtype=torch.float64)
+    with torch.no_grad():
+        joint = model64(torch.cat(cells, dim=1), labels, times, model64.new_cache(B))
+        cache = model64.new_cache(B)
+        last = model64(cells[3], labels, times[:, 3], cache, prefix=torch.cat(cells[:3], dim=1))
+    assert joint.shape == (B, config.seq_len, config.token_channels)
+    assert torch.allclose(joint[:, -config.tokens_per_cell:], last, **EXACT)
+
+
+def test_noisy_context_is_conditioned_per_cell(model64):
+    """Per-cell times reach their own cells: changing cell 0's time changes cell 0 and (through
+    attention) cell 1, but changing cell 1's time leaves cell 0 alone (block-causal)."""
+    B, T = 1, model64.config.tokens_per_cell
+    cells = _cells(model64.config, B)
+    x = torch.cat(cells[:2], dim=1)
+    run = lambda t: model64(x, torch.tensor([3]), torch.tensor([t], dtype=torch.float64), model64.new_cache(B))  # noqa: E731
+    with torch.no_grad():
+        base, later_cell1, later_cell0 = run([0.5, 0.5]), run([0.5, 0.9]), run([0.9, 0.5])
+    assert torch.allclose(base[:, :T], later_cell1[:, :T], **EXACT)
+    assert (base[:, T:] - later_cell1[:, T:]).abs().max() > 1e-4
+    assert (base[:, :T] - later_cell0[:, :T]).abs().max() > 1e-4

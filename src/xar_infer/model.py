@@ -201,19 +201,22 @@ class XARTransformer(nn.Module):
         return KVCache(self.config, batch_size, weight.dtype, weight.device)
 
     def forward(self, x: Tensor, labels: Tensor, t: Tensor, cache: KVCache, prefix: Tensor | None = None) -> Tensor:
-        """Velocity [B, tokens_per_cell, token_channels] of the cell after the cache's finished cells.
+        """Velocity of the noisy cells ``x`` that follow the cache's finished cells (and ``prefix``).
 
-        ``x``: its noisy tokens [B, tokens_per_cell, token_channels]; ``labels`` [B] (``null_class`` for
-        the unconditional branch); ``t`` [B] its flow time (1 = noise, 0 = data). ``prefix``: clean
-        tokens of whole finished cells that are not cached yet (the released sampler passes the previous
-        cell); they run at t=0 together with ``x``, block-causally, and their keys and values are cached.
+        ``x``: [B, k * tokens_per_cell, token_channels], one cell when sampling, every cell when
+        training; ``labels`` [B] (``null_class`` for the unconditional branch); ``t``: flow time
+        (1 = noise, 0 = data), [B] for one cell or [B, k] per cell. ``prefix``: clean tokens of whole
+        finished cells not cached yet (the released sampler passes the previous cell); they run at t=0.
+        The input attends block-causally (a cell sees itself and earlier cells); the keys and values of
+        ``prefix`` are added to the cache, those of ``x`` are not. Returns [B, k * tokens_per_cell, channels].
         """
         T = self.config.tokens_per_cell
-        start = cache.length
-        cell_times = t[:, None]
+        start, num_noisy = cache.length, x.shape[1]
+        if num_noisy % T or (prefix is not None and prefix.shape[1] % T):
+            raise ValueError(f"inputs must hold whole cells of {T} tokens, got x {num_noisy}"
+                             f"{'' if prefix is None else f' and prefix {prefix.shape[1]}'}")
+        cell_times = t.reshape(len(t), -1).expand(-1, num_noisy // T)
         if prefix is not None:
-            if prefix.shape[1] % T:
-                raise ValueError(f"prefix must hold whole cells of {T} tokens, got {prefix.shape[1]}")
             x = torch.cat([prefix, x], dim=1)
             cell_times = torch.cat([cell_times.new_zeros(len(t), prefix.shape[1] // T), cell_times], dim=1)
         B, N, _ = x.shape
@@ -225,7 +228,8 @@ class XARTransformer(nn.Module):
         cond = cond + self.class_emb(labels)[:, None, :]
 
         cos, sin = self.rope_cos[start:start + N], self.rope_sin[start:start + N]
-        mask = block_causal_mask(self.config, start, N).to(x.device) if prefix is not None else None
+        # A single cell sees all its keys (the cache holds only earlier cells): no mask needed.
+        mask = block_causal_mask(self.config, start, N).to(x.device) if N > T else None
 
         x = self.z_proj(x) + self.encoder_pos_embed_learned[:, start:start + N]
         x = self.z_proj_ln(x)
@@ -239,4 +243,4 @@ class XARTransformer(nn.Module):
 
         if prefix is not None:
             cache.length += prefix.shape[1]
-        return x[:, -T:]
+        return x[:, -num_noisy:]
