@@ -217,6 +217,7 @@ EARLY_ERRORS = {
     "zero batch size": (["--batch-size", "0"], ["--batch-size"]),
     "negative seed": (["--seed", "-1"], ["--seed"]),
     "grid not png": (["--grid", "grid.jpg"], ["--grid", ".png"]),
+    "zero upscale": (["--upscale", "0"], ["--upscale"]),
     "missing vae": (["--vae", "nowhere/kl16.ckpt"], ["VAE checkpoint not found", "nowhere/kl16.ckpt"]),
     "unknown device": (["--device", "nonsense"], ["--device", "nonsense"]),
     "absent cuda device": (["--device", "cuda:99"], ["--device", "cuda:99"]),
@@ -234,10 +235,37 @@ def test_bad_arguments_fail_before_loading(base, tmp_path, capsys, no_loading, e
     assert not out.exists()
 
 
-def test_missing_vae_explains_where_to_get_it(tiny_checkpoint, tmp_path, capsys, no_loading):
-    code, _, err = run(capsys, generate_main, ["--checkpoint", tiny_checkpoint, "--output", tmp_path / "out"])
+def test_missing_vae_explains_where_to_get_it(tmp_path, capsys, no_loading):
+    # a preset: known to need a VAE before anything is loaded
+    code, _, err = run(capsys, generate_main, ["--model", "xar-b", "--output", tmp_path / "out"])
     assert_one_line_error(code, err, "--vae", "kl16.ckpt", "MAR", "jadechoghari/mar", "--latents-only")
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_vae_for_a_checkpoint_fails_before_generating(tiny_checkpoint, tmp_path, capsys):
+    # a checkpoint: known only once read, still before anything is generated or written
+    code, _, err = run(capsys, generate_main, ["--checkpoint", tiny_checkpoint, "--output", tmp_path / "out"])
+    assert_one_line_error(code, err, "--vae", "kl16.ckpt", "--latents-only")
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_pixel_models_take_no_vae(tiny_vae_checkpoint, tmp_path, capsys, no_loading):
+    code, _, err = run(capsys, generate_main, ["--model", "xar-digits", "--vae", tiny_vae_checkpoint,
+                                               "--output", tmp_path / "out"])
+    assert_one_line_error(code, err, "generates pixels directly", "--vae")
+
+
+def test_digits_demo_upscaled_with_grid(tmp_path, capsys):
+    code, _, err = run(capsys, generate_main, ["--model", "xar-digits", "--class", "7", "--class", "3",
+                                               "--num-images", "3", "--steps", "3", "--upscale", "4",
+                                               "--output", tmp_path / "out", "--grid", tmp_path / "grid.png",
+                                               "--device", "cpu", "--quiet"])
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["00000_7.png", "00001_3.png", "00002_7.png"]
+    image = Image.open(tmp_path / "out" / names[0])
+    assert image.size == (32, 32) and image.mode == "L"
+    assert Image.open(tmp_path / "grid.png").size == (64, 64)
 
 
 def test_grid_with_latents_only_is_refused(tiny_checkpoint, tmp_path, capsys, no_loading):

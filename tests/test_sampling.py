@@ -145,3 +145,14 @@ def test_ode_samplers_converge(smooth_model64):
 def test_unknown_sampler(model64):
     with pytest.raises(ValueError, match="unknown sampler"):
         _generate(model64, [1], sampler="ddim")
+
+
+def test_latent_token_layout_round_trip():
+    from xar_infer.sampling import latent_to_tokens, tokens_to_latent
+
+    latent = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    tokens = latent_to_tokens(latent, cell_size=4)
+    # token 0..15 are the top-left 4x4 cell in raster order; token 16 starts the top-right cell
+    assert tokens[0, 1, 0] == latent[0, 0, 0, 1] and tokens[0, 4, 0] == latent[0, 0, 1, 0]
+    assert tokens[0, 16, 0] == latent[0, 0, 0, 4] and tokens[0, 32, 0] == latent[0, 0, 4, 0]
+    assert torch.equal(tokens_to_latent(tokens, 8, 4), latent)

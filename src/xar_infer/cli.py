@@ -167,6 +167,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     output.add_argument("--grid", metavar="FILE", help="also save all images as one grid .png")
     output.add_argument("--latents-only", action="store_true",
                         help=f"skip the VAE; save the latents to DIR/{LATENTS_FILE} instead of images")
+    output.add_argument("--upscale", type=int, default=1, metavar="K",
+                        help="save images K times larger, nearest neighbour (e.g. 8 for the 8x8 digits)")
     output.add_argument("--overwrite", action="store_true", help="replace existing output files")
     output.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
@@ -201,15 +203,24 @@ def validate_generate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown model {args.model!r}: choose one of {', '.join(PRESETS)}, "
                          "or pass --checkpoint PATH for local weights")
 
-    if args.latents_only:
-        if args.grid is not None:
-            raise ValueError("--grid needs decoded images; it cannot be combined with --latents-only")
-    elif args.vae is None:
-        raise ValueError(VAE_HINT)
-    elif not Path(args.vae).is_file():
-        raise FileNotFoundError(f"VAE checkpoint not found: {args.vae}")
+    if args.latents_only and args.grid is not None:
+        raise ValueError("--grid needs decoded images; it cannot be combined with --latents-only")
     if args.grid is not None and Path(args.grid).suffix.lower() != ".png":
         raise ValueError(f"--grid must name a .png file, got {args.grid}")
+    if args.upscale < 1:
+        raise ValueError(f"--upscale must be at least 1, got {args.upscale}")
+    if args.vae is not None and not Path(args.vae).is_file():
+        raise FileNotFoundError(f"VAE checkpoint not found: {args.vae}")
+    if args.checkpoint is None:  # a preset: whether it needs a VAE is known before loading
+        check_vae_choice(args, find_preset(args.model or DEFAULT_MODEL).config.pixel_space)
+
+
+def check_vae_choice(args: argparse.Namespace, pixel_space: bool) -> None:
+    """Latent models need --vae to write images; pixel models take none."""
+    if pixel_space and args.vae is not None:
+        raise ValueError("this model generates pixels directly; leave out --vae")
+    if not pixel_space and args.vae is None and not args.latents_only:
+        raise ValueError(VAE_HINT)
 
 
 def check_device(text: str) -> torch.device:
@@ -274,7 +285,7 @@ def plan_outputs(args: argparse.Namespace, num_classes: int | None) -> tuple[lis
 
 def load_pipeline(args: argparse.Namespace, device: torch.device) -> XARPipeline:
     vae = None
-    if not args.latents_only:
+    if args.vae is not None and not args.latents_only:
         # Loaded first: it is small, so a wrong --vae fails before the transformer is read.
         vae = load_vae(args.vae, device=device)
     if args.checkpoint is not None:
@@ -291,7 +302,7 @@ def make_grid(images: Sequence[Image.Image]) -> Image.Image:
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height))
+    grid = Image.new(images[0].mode, (columns * width, rows * height))
     for k, image in enumerate(images):
         grid.paste(image, ((k % columns) * width, (k // columns) * height))
     return grid
@@ -308,6 +319,7 @@ def generate(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     pipe = load_pipeline(args, device)
+    check_vae_choice(args, pipe.transformer.config.pixel_space)
     num_classes = pipe.transformer.config.num_classes
     if num_classes != known_classes:
         image_ids, targets = plan_outputs(args, num_classes)
@@ -346,6 +358,8 @@ def run_batches(pipe: XARPipeline, args: argparse.Namespace, image_ids: Sequence
         if args.latents_only:
             kept.extend(images.float().cpu().split(1))
             continue
+        if args.upscale > 1:
+            images = [im.resize((im.width * args.upscale, im.height * args.upscale), Image.NEAREST) for im in images]
         for i, image in zip(batch, images):
             image.save(targets[i])
         if args.grid is not None:

@@ -35,6 +35,8 @@ class XARConfig:
     rope_theta: float = 10000.0
     # The model works on latents multiplied by this; decoding divides it back out.
     latent_scale: float = 0.2325
+    # True: the tokens are image pixels in [-1, 1] (no VAE); False: VAE latents.
+    pixel_space: bool = False
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -85,6 +87,8 @@ class Preset:
     guidance_scale: float
     hub_filename: str | None = None
     hub_repo_id: str = HUB_REPO_ID
+    # Shipped inside the package, under xar_infer/data/<bundled_dir>, instead of on the Hub.
+    bundled_dir: str | None = None
 
 
 def _official_mlp_hidden(dim: int) -> int:
@@ -103,6 +107,13 @@ PRESETS: dict[str, Preset] = {
     "xar-h": Preset(
         XARConfig(dim=1280, encoder_depth=20, decoder_depth=20, num_heads=16, mlp_hidden_dim=_official_mlp_hidden(1280)),
         num_inference_steps=50, guidance_scale=2.2, hub_filename="xAR-H.pth",
+    ),
+    # Our small demo model: handwritten digits (scikit-learn's 8x8 set), pixels, 4 cells of 4x4.
+    # Trained by tools/train_demo.py; runs anywhere, offline, in seconds.
+    "xar-digits": Preset(
+        XARConfig(dim=128, encoder_depth=3, decoder_depth=3, num_heads=4, mlp_hidden_dim=256, token_channels=1,
+                  grid_size=8, cell_size=4, num_classes=10, latent_scale=1.0, pixel_space=True),
+        num_inference_steps=25, guidance_scale=2.0, bundled_dir="xar-digits",
     ),
 }
 

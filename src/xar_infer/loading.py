@@ -12,6 +12,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -181,13 +182,17 @@ def hub_download(repo_id: str, filename: str, *, revision: str | None = None, ca
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> LoadedModel:
-    """Resolve a preset name (``xar-b``), a local path, or a Hub repo id in our format, and load it."""
+    """Resolve a local path, a preset name (``xar-b`` from the Hub, ``xar-digits`` shipped with the
+    package), or a Hub repo id in our format, and load it."""
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     if Path(name_or_path).exists():  # a local file wins over a preset or repo id of the same name
         return load_local(name_or_path, dtype=dtype, device=device)
     preset = find_preset(str(name_or_path))
     if preset is not None:
-        path = hub_download(preset.hub_repo_id, preset.hub_filename, **hub)
+        if preset.bundled_dir is not None:
+            path = Path(str(files("xar_infer") / "data" / preset.bundled_dir))
+        else:
+            path = hub_download(preset.hub_repo_id, preset.hub_filename, **hub)
         loaded = load_local(path, dtype=dtype, device=device)
         return LoadedModel(loaded.model, preset.num_inference_steps, preset.guidance_scale, loaded.source)
     name = str(name_or_path)

@@ -25,9 +25,10 @@ class KVCache:
     """
 
     def __init__(self, config: XARConfig, batch_size: int, dtype: torch.dtype, device: torch.device | str):
-        shape = (config.num_layers, batch_size, config.num_heads, config.seq_len, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, config.num_heads, config.seq_len, config.head_dim)
+        # One tensor per layer, so that writing one layer never touches what another layer's autograd saved.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.length = 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,9 +37,9 @@ class KVCache:
         ``B`` may be smaller than the cache's batch: the first ``B`` rows are used (the conditional half).
         """
         batch, end = k.shape[0], self.length + k.shape[2]
-        self.keys[layer, :batch, :, self.length:end] = k
-        self.values[layer, :batch, :, self.length:end] = v
-        return self.keys[layer, :batch, :, :end], self.values[layer, :batch, :, :end]
+        self.keys[layer][:batch, :, self.length:end] = k
+        self.values[layer][:batch, :, self.length:end] = v
+        return self.keys[layer][:batch, :, :end], self.values[layer][:batch, :, :end]
 
 
 class RMSNorm(nn.Module):

@@ -57,7 +57,8 @@ class XARPipeline:
         ``name_or_path``: a preset (``"xar-b"``, ``"xar-l"``, ``"xar-h"``: the released weights from the
         Hugging Face Hub), a local released ``.pth``, a ``.safetensors`` file or a directory made by
         ``xar-convert``, or a Hub repo id holding such a directory. ``vae``: MAR's ``kl16.ckpt`` (or a
-        safetensors export) or an already loaded decoder; without it only ``output_type="latent"`` works.
+        safetensors export) or an already loaded decoder; without it only ``output_type="latent"`` works,
+        except for pixel-space models such as ``"xar-digits"``, which need none.
         The VAE stays fp32 unless you pass a decoder in another dtype.
         """
         loaded = load_pretrained(name_or_path, dtype=dtype, device=device, revision=revision,
@@ -98,7 +99,7 @@ class XARPipeline:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
-        if output_type != "latent" and self.vae is None:
+        if output_type != "latent" and self.vae is None and not self.transformer.config.pixel_space:
             raise ValueError("this pipeline has no VAE to decode images: pass vae='path/to/kl16.ckpt' to "
                              "from_pretrained, or use output_type='latent'")
 
@@ -133,17 +134,22 @@ class XARPipeline:
         if output_type == "latent":
             images = latent
         else:
-            vae_dtype = next(self.vae.parameters()).dtype
-            decoded = self.vae.decode((latent / config.latent_scale).to(vae_dtype)).float()
-            images = ((decoded + 1) / 2).clamp(0, 1).cpu()
+            images = ((self.decode(latent) + 1) / 2).clamp(0, 1).cpu()
             if output_type == "np":
                 images = images.permute(0, 2, 3, 1).numpy()
             elif output_type == "pil":
                 images = to_pil(images)
         return XARPipelineOutput(images) if return_dict else (images,)
 
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Model-scale latent -> image in [-1, 1] (fp32): the VAE's decode, or the identity for pixel models."""
+        x = latent / self.transformer.config.latent_scale
+        if self.transformer.config.pixel_space:
+            return x.float()
+        return self.vae.decode(x.to(next(self.vae.parameters()).dtype)).float()
+
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [0, 1] -> PIL images, rounded to the nearest level as the released evaluation does."""
     pixels = (images * 255).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(p) for p in pixels]
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]

@@ -140,6 +140,13 @@ def tokens_to_latent(tokens: Tensor, grid_size: int, cell_size: int) -> Tensor:
     return tokens.reshape(B, n, n, cell_size, cell_size, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, grid_size, grid_size)
 
 
+def latent_to_tokens(latent: Tensor, cell_size: int) -> Tensor:
+    """[B, c, grid, grid] latent -> [B, seq_len, c] tokens in cell order (the inverse of ``tokens_to_latent``)."""
+    B, c, g, _ = latent.shape
+    n = g // cell_size
+    return latent.reshape(B, c, n, cell_size, n, cell_size).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, c)
+
+
 @torch.no_grad()
 def generate_tokens(
     model: XARTransformer,
