@@ -7,7 +7,10 @@ would score about 10%. This is the quality check that the tiny random checkpoint
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +91,17 @@ def test_pixel_model_outputs(pipe):
         pipe([10])
     with pytest.raises(ValueError, match="only available for ImageNet"):
         pipe(["goldfish"])
+
+
+def test_training_script_is_reproducible_and_loadable(tmp_path):
+    """tools/train_demo.py: a few steps, twice with one seed, give identical weights that load as a model."""
+    script = Path(__file__).resolve().parents[1] / "tools" / "train_demo.py"
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        subprocess.run([sys.executable, str(script), "--steps", "3", "--batch-size", "16", "--out", str(out)],
+                       check=True, capture_output=True, timeout=300)
+        outputs.append(out)
+    assert (outputs[0] / "model.safetensors").read_bytes() == (outputs[1] / "model.safetensors").read_bytes()
+    pipe = XARPipeline.from_pretrained(outputs[0])
+    assert pipe.transformer.config == PRESETS["xar-digits"].config
