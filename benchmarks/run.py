@@ -1,0 +1,252 @@
+"""Speed of xar_infer against DiT-XL/2 and SiT-XL/2 (and the official xAR code), in one run.
+
+    python benchmarks/run.py --quick                       # about a minute on a 2-core CPU
+    python benchmarks/run.py --batch-sizes 1,8 --max-steps 2
+    python benchmarks/run.py --device cuda --dtype bf16 --batch-sizes 1,8,64,256
+    python benchmarks/run.py --official-repo ~/src/xAR     # adds the official code, same weights
+
+Every (contender, batch) is measured in a fresh subprocess (its peak memory is its own), after a
+warm-up, as the median of --repeats runs; on CUDA with synchronisation and CUDA events. With
+--max-steps K a sampler is timed at K steps and scaled to the official step count: linearly for DiT
+and SiT (every step costs the same), on the line through 1 and K steps for xAR (a cell's first step
+also re-runs the previous cell; every later one costs the same). The results say so wherever that
+happened. The machine's dense matmul peak is measured in the same run.
+Writes NAME.json, NAME.md and NAME.png to --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+XAR_PRESETS = ("xar-b", "xar-l", "xar-h")
+ALL_CONTENDERS = (*XAR_PRESETS, "dit", "sit")
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+
+def timed(fn, device: str) -> tuple[float, object]:
+    """Seconds ``fn()`` takes, synchronised (CUDA events on a GPU)."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000, out
+    begin = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - begin, out
+
+
+def median_time(fn, device: str, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        seconds, out = timed(fn, device)
+        times.append(seconds)
+    return statistics.median(times), out
+
+
+def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 5) -> dict:
+    """Dense square matmul throughput (FLOP/s), the yardstick for every 'fraction of peak'."""
+    n = 4096 if device.startswith("cuda") else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timed(lambda: a @ b, device)  # warm-up
+    seconds, _ = median_time(lambda: a @ b, device, repeats)
+    return {"size": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": 2 * n**3 / seconds}
+
+
+# ---- one measurement, in its own process ----------------------------------------------------------
+
+def make_contender(name: str, device: str, dtype: torch.dtype, official_repo: str | None):
+    from contenders import DiTContender, OfficialXARContender, SiTContender, XARContender
+
+    if name in XAR_PRESETS:
+        return XARContender(name, device, dtype), None
+    if name.startswith("official-"):
+        reference = XARContender(name.removeprefix("official-"), device, dtype)
+        return OfficialXARContender(official_repo, name.removeprefix("official-"), reference), reference
+    return {"dit": DiTContender, "sit": SiTContender}[name](device, dtype), None
+
+
+def measure(spec: dict) -> dict:
+    device, dtype = spec["device"], DTYPES[spec["dtype"]]
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        contender, reference = make_contender(spec["contender"], device, dtype, spec.get("official_repo"))
+        batch, nominal, repeats = spec["batch"], contender.nominal_steps, spec["repeats"]
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        short = min(spec["max_steps"] or nominal, nominal)
+        timed(lambda: contender.generate(batch, 1), device)  # warm-up
+        if short < nominal and contender.uniform_steps:
+            tk, latents = median_time(lambda: contender.generate(batch, short), device, repeats)
+            generate_seconds = tk * nominal / short
+        elif short < nominal:
+            t1, _ = median_time(lambda: contender.generate(batch, 1), device, repeats)
+            tk, latents = median_time(lambda: contender.generate(batch, short), device, repeats)
+            generate_seconds = t1 + (nominal - 1) / (short - 1) * (tk - t1)
+        else:
+            generate_seconds, latents = median_time(lambda: contender.generate(batch, nominal), device, repeats)
+        decode_seconds, _ = median_time(lambda: contender.decode(latents), device, repeats)
+        result = {
+            "contender": contender.name,
+            "key": spec["contender"],
+            "description": contender.description,
+            "batch": batch,
+            "steps": nominal,
+            "timed_steps": short,
+            "extrapolated": short < nominal,
+            "generate_seconds": generate_seconds,
+            "decode_seconds": decode_seconds,
+            "generate_flops_per_image": contender.flops_per_image(nominal),
+            "decode_flops_per_image": contender.decode_flops_per_image(),
+        }
+        if reference is not None:  # the official code against ours: same weights, seed and steps
+            ours = reference.generate(batch, short)
+            result["max_abs_diff_vs_xar_infer"] = (latents.float() - ours.float()).abs().max().item()
+    if device.startswith("cuda"):
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        result["peak_memory_kind"] = "CUDA allocated"
+    else:
+        result["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["peak_memory_kind"] = "process RSS"
+    return result
+
+
+def run_in_subprocess(spec: dict) -> dict:
+    process = subprocess.run([sys.executable, str(Path(__file__)), "--worker", json.dumps(spec)],
+                             capture_output=True, text=True, cwd=HERE)
+    if process.returncode != 0:
+        raise RuntimeError(f"{spec['contender']} at batch {spec['batch']} failed:\n{process.stderr[-3000:]}")
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+# ---- the whole run --------------------------------------------------------------------------------
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.startswith("cuda"):
+        info["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        info["device_name"] = f"CPU: {cpu}"
+    return info
+
+
+def add_derived_figures(row: dict, peak: float) -> None:
+    batch = row["batch"]
+    total = row["generate_seconds"] + row["decode_seconds"]
+    flops = row["generate_flops_per_image"] + row["decode_flops_per_image"]
+    row.update({
+        "generate_seconds_per_image": row["generate_seconds"] / batch,
+        "end_to_end_seconds_per_image": total / batch,
+        "generate_images_per_s": batch / row["generate_seconds"],
+        "end_to_end_images_per_s": batch / total,
+        "generate_flops_per_s": row["generate_flops_per_image"] * batch / row["generate_seconds"],
+        "end_to_end_flops_per_s": flops * batch / total,
+    })
+    row["generate_fraction_of_peak"] = row["generate_flops_per_s"] / peak
+    row["end_to_end_fraction_of_peak"] = row["end_to_end_flops_per_s"] / peak
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per batch size: how many times faster each xar_infer row is than DiT, SiT and the official code."""
+    out = []
+    for row in (r for r in rows if r["key"] in XAR_PRESETS):
+        rivals = {"dit", "sit", f"official-{row['key']}"}
+        for other in (o for o in rows if o["batch"] == row["batch"] and o["key"] in rivals):
+            out.append({
+                "batch": row["batch"], "xar_infer": row["contender"], "versus": other["contender"],
+                "end_to_end_speedup": other["end_to_end_seconds_per_image"] / row["end_to_end_seconds_per_image"],
+                "generate_speedup": other["generate_seconds_per_image"] / row["generate_seconds_per_image"],
+            })
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="xar-b, DiT and SiT at batch 1, 2 timed steps, 1 run")
+    parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS))
+    parser.add_argument("--batch-sizes", default="1,8,64")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="time at most K sampling steps (K >= 2) and extrapolate to the official count")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--official-repo", help="a checkout of github.com/OliverRensu/xAR to time as well")
+    parser.add_argument("--out-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--name", help="output file stem (default: from the device)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return
+
+    if args.quick:
+        args.contenders, args.batch_sizes, args.max_steps, args.repeats = "xar-b,dit,sit", "1", 2, 1
+    if args.max_steps is not None and args.max_steps < 2:
+        parser.error("--max-steps must be at least 2 (the line needs two points)")
+    dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    contenders = args.contenders.split(",")
+    if args.official_repo:
+        contenders += [f"official-{c}" for c in contenders if c in XAR_PRESETS]
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+
+    started = time.time()
+    peak = matmul_peak(args.device, DTYPES[dtype])
+    rows = []
+    for batch in batches:
+        for name in contenders:
+            spec = {"contender": name, "batch": batch, "device": args.device, "dtype": dtype,
+                    "max_steps": args.max_steps, "repeats": args.repeats, "official_repo": args.official_repo}
+            row = run_in_subprocess(spec)
+            add_derived_figures(row, peak["flops_per_s"])
+            rows.append(row)
+            print(f"{row['contender']:<38} batch {batch:>3}: {row['end_to_end_seconds_per_image']:8.2f} s/image end to end"
+                  f"{' (extrapolated from ' + str(row['timed_steps']) + ' steps)' if row['extrapolated'] else ''}", flush=True)
+
+    report = {
+        "machine": machine_info(args.device),
+        "settings": {"device": args.device, "dtype": dtype, "batch_sizes": batches, "max_steps": args.max_steps,
+                     "repeats": args.repeats, "quick": args.quick, "contenders": contenders,
+                     "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])])},
+        "matmul_peak": peak,
+        "rows": rows,
+        "ratios": ratios(rows),
+        "wall_seconds": time.time() - started,
+    }
+    from report import write_outputs
+
+    name = args.name or ("quick" if args.quick else f"{args.device.split(':')[0]}-{dtype}")
+    paths = write_outputs(report, args.out_dir, name)
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()

@@ -1,0 +1,62 @@
+"""The benchmark suite: its FLOP formulas against torch's own count, and a --quick smoke run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from xar_infer.config import XARConfig
+from xar_infer.sampling import NoiseSource, generate_tokens
+
+from conftest import random_transformer
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from flops import counted_flops, dit_xl2_flops_per_forward, xar_flops_per_image  # noqa: E402
+
+
+@pytest.mark.parametrize("config", [
+    XARConfig(dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_hidden_dim=48),
+    XARConfig(dim=48, encoder_depth=2, decoder_depth=1, num_heads=3, mlp_hidden_dim=40, token_channels=4,
+              grid_size=8, cell_size=4, num_classes=10),
+])
+@pytest.mark.parametrize("steps, guidance", [(3, 2.0), (1, 1.0), (4, 1.0)])
+def test_xar_flop_formula_equals_the_counted_flops(config, steps, guidance):
+    model = random_transformer(config)
+    labels = torch.tensor([1])
+    counted = counted_flops(lambda: generate_tokens(model, labels, steps, guidance, NoiseSource(None, 1, torch.device("cpu"))))
+    assert xar_flops_per_image(config, steps, guided=guidance > 1) == counted
+
+
+def test_dit_flop_formula_equals_the_counted_flops():
+    pytest.importorskip("diffusers", reason="benchmark extra: pip install -e '.[bench]'")
+    from contenders import build_on, dit_backbone
+
+    dit = build_on("cpu", torch.float32, dit_backbone)
+    counted = counted_flops(lambda: dit(torch.zeros(1, 4, 32, 32), timestep=torch.tensor([5]),
+                                        class_labels=torch.tensor([3])))
+    assert dit_xl2_flops_per_forward() == counted
+
+
+def test_quick_run_reports_every_contender(tmp_path):
+    pytest.importorskip("diffusers", reason="benchmark extra: pip install -e '.[bench]'")
+    subprocess.run([sys.executable, str(BENCHMARKS / "run.py"), "--quick", "--out-dir", str(tmp_path)],
+                   check=True, capture_output=True, timeout=900)
+    report = json.loads((tmp_path / "quick.json").read_text())
+    assert [row["key"] for row in report["rows"]] == ["xar-b", "dit", "sit"]
+    for row in report["rows"]:
+        for figure in ("generate_seconds", "decode_seconds", "end_to_end_images_per_s", "generate_flops_per_image",
+                       "decode_flops_per_image", "end_to_end_flops_per_s", "peak_memory_bytes"):
+            assert row[figure] > 0, (row["key"], figure)
+        assert row["extrapolated"] and row["timed_steps"] == 2
+    assert report["matmul_peak"]["flops_per_s"] > 0
+    assert {(q["versus"], q["batch"]) for q in report["ratios"]} == {
+        ("DiT-XL/2 (diffusers)", 1), ("SiT-XL/2 (diffusers backbone)", 1)}
+    assert "extrapolated from 2 step(s)" in (tmp_path / "quick.md").read_text()
+    assert (tmp_path / "quick.png").stat().st_size > 0
