@@ -52,6 +52,7 @@ class Contender:
     # Every sampling step costs the same (DiT, SiT): time K steps and scale. xAR's first evaluation of
     # a cell also runs the previous cell, so it is timed at 1 and K steps and extrapolated on a line.
     uniform_steps: bool = False
+    min_steps: int = 1  # the fewest sampling steps the sampler handles
 
     def generate(self, batch: int, steps: int) -> torch.Tensor:
         raise NotImplementedError
@@ -186,6 +187,8 @@ class SiTContender(DiTFamily):
 
 class OfficialXARContender(Contender):
     """The official xAR code from a user's checkout, with the same weights as xar_infer's contender."""
+
+    min_steps = 3  # its sampler fails at 1 step and re-runs the previous cell at 2
 
     def __init__(self, repo: str, preset_name: str, reference: XARContender):
         sys.path.insert(0, repo)

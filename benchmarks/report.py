@@ -30,9 +30,10 @@ def markdown(report: dict) -> str:
             f"| {r['peak_memory_bytes'] / 2**30:.1f} GiB ({r['peak_memory_kind']}) |")
     extrapolated = sorted({r["timed_steps"] for r in report["rows"] if r["extrapolated"]})
     if extrapolated:
-        lines += ["", f"¹ extrapolated from {', '.join(map(str, extrapolated))} step(s) to the official count: DiT and "
-                      "SiT scaled linearly (every step costs the same); xAR on the line through its times at 1 and "
-                      "that many steps per cell (a cell's first step also re-runs the previous cell)."]
+        lines += ["", f"¹ extrapolated from {', '.join(map(str, extrapolated))} timed step(s) to the official count: DiT "
+                      "and SiT scaled linearly (every step costs the same); xAR on the line through its times at "
+                      f"{', '.join(sorted({str(r['timed_from_steps']) for r in report['rows'] if r.get('timed_from_steps')}))} "
+                      "and that many steps per cell (a cell's first step also re-runs the previous cell)."]
     if report["ratios"]:
         lines += ["", "| xar_infer | versus | batch | end-to-end speedup | generate speedup |", "|---|---|---:|---:|---:|"]
         for q in report["ratios"]:

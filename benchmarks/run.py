@@ -9,7 +9,8 @@ Every (contender, batch) is measured in a fresh subprocess (its peak memory is i
 warm-up, as the median of --repeats runs; on CUDA with synchronisation and CUDA events. With
 --max-steps K a sampler is timed at K steps and scaled to the official step count: linearly for DiT
 and SiT (every step costs the same), on the line through 1 and K steps for xAR (a cell's first step
-also re-runs the previous cell; every later one costs the same). The results say so wherever that
+also re-runs the previous cell; every later one costs the same; the official xAR code is timed at 3
+and max(K, 4), since its sampler fails below 3 steps). The results say so wherever that
 happened. The machine's dense matmul peak is measured in the same run.
 Writes NAME.json, NAME.md and NAME.png to --out-dir.
 """
@@ -90,17 +91,20 @@ def measure(spec: dict) -> dict:
         batch, nominal, repeats = spec["batch"], contender.nominal_steps, spec["repeats"]
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        short = min(spec["max_steps"] or nominal, nominal)
-        timed(lambda: contender.generate(batch, 1), device)  # warm-up
-        if short < nominal and contender.uniform_steps:
-            tk, latents = median_time(lambda: contender.generate(batch, short), device, repeats)
-            generate_seconds = tk * nominal / short
-        elif short < nominal:
-            t1, _ = median_time(lambda: contender.generate(batch, 1), device, repeats)
-            tk, latents = median_time(lambda: contender.generate(batch, short), device, repeats)
-            generate_seconds = t1 + (nominal - 1) / (short - 1) * (tk - t1)
-        else:
+        short, low = min(spec["max_steps"] or nominal, nominal), contender.min_steps
+        timed(lambda: contender.generate(batch, low), device)  # warm-up
+        if short >= nominal:
+            timed_steps = nominal
             generate_seconds, latents = median_time(lambda: contender.generate(batch, nominal), device, repeats)
+        elif contender.uniform_steps:
+            timed_steps = short
+            seconds, latents = median_time(lambda: contender.generate(batch, short), device, repeats)
+            generate_seconds = seconds * nominal / short
+        else:
+            timed_steps = max(short, low + 1)
+            t_low, _ = median_time(lambda: contender.generate(batch, low), device, repeats)
+            t_high, latents = median_time(lambda: contender.generate(batch, timed_steps), device, repeats)
+            generate_seconds = t_low + (nominal - low) / (timed_steps - low) * (t_high - t_low)
         decode_seconds, _ = median_time(lambda: contender.decode(latents), device, repeats)
         result = {
             "contender": contender.name,
@@ -108,15 +112,16 @@ def measure(spec: dict) -> dict:
             "description": contender.description,
             "batch": batch,
             "steps": nominal,
-            "timed_steps": short,
-            "extrapolated": short < nominal,
+            "timed_steps": timed_steps,
+            "timed_from_steps": low if timed_steps < nominal and not contender.uniform_steps else None,
+            "extrapolated": timed_steps < nominal,
             "generate_seconds": generate_seconds,
             "decode_seconds": decode_seconds,
             "generate_flops_per_image": contender.flops_per_image(nominal),
             "decode_flops_per_image": contender.decode_flops_per_image(),
         }
         if reference is not None:  # the official code against ours: same weights, seed and steps
-            ours = reference.generate(batch, short)
+            ours = reference.generate(batch, timed_steps)
             result["max_abs_diff_vs_xar_infer"] = (latents.float() - ours.float()).abs().max().item()
     if device.startswith("cuda"):
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()

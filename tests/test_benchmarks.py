@@ -58,5 +58,5 @@ def test_quick_run_reports_every_contender(tmp_path):
     assert report["matmul_peak"]["flops_per_s"] > 0
     assert {(q["versus"], q["batch"]) for q in report["ratios"]} == {
         ("DiT-XL/2 (diffusers)", 1), ("SiT-XL/2 (diffusers backbone)", 1)}
-    assert "extrapolated from 2 step(s)" in (tmp_path / "quick.md").read_text()
+    assert "extrapolated from 2 timed step(s)" in (tmp_path / "quick.md").read_text()
     assert (tmp_path / "quick.png").stat().st_size > 0
