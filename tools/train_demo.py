@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -24,9 +23,8 @@ from pathlib import Path
 import torch
 from sklearn.datasets import load_digits
 
-from xar_infer.checkpoint_io import write_safetensors
 from xar_infer.config import PRESETS
-from xar_infer.loading import CONFIG_NAME, WEIGHTS_NAME
+from xar_infer.loading import CONFIG_NAME, WEIGHTS_NAME, save_model_dir
 from xar_infer.model import XARTransformer
 from xar_infer.sampling import latent_to_tokens
 
@@ -94,17 +92,6 @@ def train(args: argparse.Namespace) -> XARTransformer:
     return ema
 
 
-def save(model: XARTransformer, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(model.state_dict(), out / WEIGHTS_NAME)
-    (out / CONFIG_NAME).write_text(json.dumps({
-        "xar_config": model.config.to_dict(),
-        "num_inference_steps": PRESET.num_inference_steps,
-        "guidance_scale": PRESET.guidance_scale,
-    }, indent=2) + "\n")
-    print(f"wrote {out / WEIGHTS_NAME} and {out / CONFIG_NAME}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -117,7 +104,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    save(train(args), args.out)
+    save_model_dir(train(args), args.out, PRESET.num_inference_steps, PRESET.guidance_scale)
+    print(f"wrote {args.out / WEIGHTS_NAME} and {args.out / CONFIG_NAME}")
 
 
 if __name__ == "__main__":

@@ -98,10 +98,13 @@ def check_released_buffers(stored: dict[str, torch.Tensor], config: XARConfig, s
                           "float rounding); using the computed table", stacklevel=3)
 
 
+def _is_released_buffer(key: str) -> bool:
+    return key == "mask" or ".attn.rope." in key
+
+
 def _split_buffers(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    is_buffer = lambda k: k == "mask" or ".attn.rope." in k  # noqa: E731
-    params = {k: v for k, v in state_dict.items() if not is_buffer(k)}
-    buffers = {k: v for k, v in state_dict.items() if is_buffer(k)}
+    params = {k: v for k, v in state_dict.items() if not _is_released_buffer(k)}
+    buffers = {k: v for k, v in state_dict.items() if _is_released_buffer(k)}
     return params, buffers
 
 
@@ -216,11 +219,19 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist; choose another directory or pass overwrite=True")
     loaded = load_local(source)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_safetensors(loaded.model.state_dict(), targets[0])
-    targets[1].write_text(json.dumps({
-        "xar_config": loaded.model.config.to_dict(),
-        "num_inference_steps": loaded.num_inference_steps,
-        "guidance_scale": loaded.guidance_scale,
-    }, indent=2) + "\n")
+    save_model_dir(loaded.model, out_dir, loaded.num_inference_steps, loaded.guidance_scale)
     return out_dir
+
+
+def save_model_dir(model: XARTransformer, out_dir: str | os.PathLike, num_inference_steps: int,
+                   guidance_scale: float) -> None:
+    """Write our format: ``model.safetensors`` (parameters) and ``config.json`` (architecture and
+    sampling defaults), replacing what is there."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_safetensors(model.state_dict(), out_dir / WEIGHTS_NAME)
+    (out_dir / CONFIG_NAME).write_text(json.dumps({
+        "xar_config": model.config.to_dict(),
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+    }, indent=2) + "\n")

@@ -1,7 +1,8 @@
 """The xAR transformer, inference only.
 
-One stack (encoder blocks, then decoder blocks) maps the noisy tokens of one cell, conditioned on the
-class and the cell's flow time, to their velocity. Finished cells are seen through a :class:`KVCache`
+One stack (encoder blocks, then decoder blocks) maps noisy cells of tokens, each conditioned on the
+class and its own flow time, to their velocity (one cell at a time when sampling, all at once when
+training). Finished cells are seen through a :class:`KVCache`
 that the caller creates per generation call and passes in; the modules keep no state between calls.
 Parameter names equal the released checkpoints' keys.
 """
