@@ -35,7 +35,7 @@ from .config import (
     infer_config,
     preset_for_config,
 )
-from .model import XARTransformer, block_causal_mask, rope_tables
+from .model import XARTransformer, block_causal_mask, rope_frequencies, rope_tables
 
 WEIGHTS_NAME = "model.safetensors"
 # A missing path with one of these endings is a mistyped file, not a Hub repo id.
@@ -63,8 +63,7 @@ def released_buffers(config: XARConfig) -> dict[str, torch.Tensor]:
     mask.masked_fill_(~block_causal_mask(config, 0, config.seq_len), float("-inf"))
     buffers = {"mask": mask[None, None]}
     cos, sin = rope_tables(config)
-    half = config.head_dim // 2
-    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, half, 2).float() / half))
+    freqs = rope_frequencies(config)
     for part, depth in (("encoder_blocks", config.encoder_depth), ("decoder_blocks", config.decoder_depth)):
         for i in range(depth):
             prefix = f"{part}.{i}.attn.rope."

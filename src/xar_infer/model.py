@@ -57,6 +57,12 @@ class RMSNorm(nn.Module):
         return out if self.weight is None else out * self.weight
 
 
+def rope_frequencies(config: XARConfig) -> Tensor:
+    """The head_dim / 4 rotation frequencies per axis ("language" spacing, base ``rope_theta``)."""
+    half = config.head_dim // 2
+    return 1.0 / (config.rope_theta ** (torch.arange(0, half, 2).float() / half))
+
+
 def rope_tables(config: XARConfig) -> tuple[Tensor, Tensor]:
     """cos and sin tables [seq_len, head_dim] of the 2D rotary embedding, rows in cell order.
 
@@ -64,8 +70,7 @@ def rope_tables(config: XARConfig) -> tuple[Tensor, Tensor]:
     each as interleaved channel pairs with language-model frequencies.
     """
     half = config.head_dim // 2
-    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, half, 2).float() / half))
-    angles = (torch.arange(config.grid_size).float()[:, None] * freqs[None]).repeat_interleave(2, dim=-1)
+    angles = (torch.arange(config.grid_size).float()[:, None] * rope_frequencies(config)[None]).repeat_interleave(2, dim=-1)
     g = config.grid_size
     table = torch.cat([angles[:, None, :].expand(g, g, half), angles[None, :, :].expand(g, g, half)], dim=-1)
     n, c = g // config.cell_size, config.cell_size
