@@ -62,7 +62,7 @@ def test_apply_rope_rotates_interleaved_pairs():
 
 def test_block_causal_mask():
     config = XARConfig(grid_size=4, cell_size=2)  # 4 cells of 4 tokens
-    mask = block_causal_mask(config, start=4, num_queries=8)  # cells 1 and 2 against cells 0..2
+    mask = block_causal_mask(config.tokens_per_cell, start=4, num_queries=8)  # cells 1 and 2 against cells 0..2
     assert mask.shape == (8, 12)
     assert mask[:4, :8].all() and not mask[:4, 8:].any()
     assert mask[4:].all()

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .checkpoint_io import CheckpointError
+from .backends import BACKENDS, resolve_backend
 from .config import PRESETS, find_preset
 from .imagenet import IMAGENET_NUM_CLASSES, class_name, resolve_class_label
 from .loading import CONFIG_NAME, WEIGHTS_NAME, convert_checkpoint
@@ -161,6 +162,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=DTYPES, default="fp32", help="transformer precision (default: fp32)")
+    model.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="kernels: triton (fused, CUDA), torch, or auto (triton on CUDA if installed; default)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--output", default="out", metavar="DIR", help="directory for the images (default: out)")
@@ -231,13 +234,13 @@ def check_device(text: str) -> torch.device:
         raise ValueError(f"--device {text!r} is not a torch device ({_one_line(exc)})") from None
     if device.type == "cpu":
         return device
-    backend = getattr(torch, device.type, None)
-    if backend is None or not hasattr(backend, "is_available"):
+    device_module = getattr(torch, device.type, None)
+    if device_module is None or not hasattr(device_module, "is_available"):
         raise ValueError(f"--device {text!r}: {device.type} devices cannot run generation; use cpu or cuda")
-    if not backend.is_available():
+    if not device_module.is_available():
         raise ValueError(f"--device {text!r}: no {device.type} device is available on this machine "
                          f"(torch {torch.__version__}); use --device cpu")
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    count = device_module.device_count() if hasattr(device_module, "device_count") else 1
     if device.index is not None and device.index >= count:
         raise ValueError(f"--device {text!r}: this machine has {count} {device.type} device(s), "
                          f"numbered from 0")
@@ -291,9 +294,9 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> XARPipeline
     if args.checkpoint is not None:
         # Absolute, so that a relative path spelled like a preset or a Hub repo id stays a local path.
         return XARPipeline.from_pretrained(Path(args.checkpoint).absolute(), vae=vae, dtype=DTYPES[args.dtype],
-                                           device=device)
+                                           device=device, backend=args.backend)
     return XARPipeline.from_pretrained(args.model or DEFAULT_MODEL, vae=vae, dtype=DTYPES[args.dtype], device=device,
-                                       revision=args.revision, cache_dir=args.cache_dir,
+                                       backend=args.backend, revision=args.revision, cache_dir=args.cache_dir,
                                        local_files_only=args.local_files_only)
 
 
@@ -312,6 +315,7 @@ def generate(args: argparse.Namespace) -> None:
     """The whole xar-generate run, after argument parsing."""
     validate_generate_args(args)
     device = check_device(args.device)
+    resolve_backend(args.backend, device)
     preset = None if args.checkpoint is not None else find_preset(args.model or DEFAULT_MODEL)
     known_classes = preset.config.num_classes if preset is not None else None
     image_ids, targets = plan_outputs(args, known_classes)

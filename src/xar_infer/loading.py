@@ -60,7 +60,7 @@ class LoadedModel:
 def released_buffers(config: XARConfig) -> dict[str, torch.Tensor]:
     """The derived buffers a released checkpoint stores, as the released code computes them."""
     mask = torch.zeros(config.seq_len, config.seq_len)
-    mask.masked_fill_(~block_causal_mask(config, 0, config.seq_len), float("-inf"))
+    mask.masked_fill_(~block_causal_mask(config.tokens_per_cell, 0, config.seq_len), float("-inf"))
     buffers = {"mask": mask[None, None]}
     cos, sin = rope_tables(config)
     freqs = rope_frequencies(config)

@@ -10,6 +10,7 @@ Parameter names equal the released checkpoints' keys.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -86,10 +87,32 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos + rotated * sin).type_as(x)
 
 
-def block_causal_mask(config: XARConfig, start: int, num_queries: int) -> Tensor:
+def block_causal_mask(tokens_per_cell: int, start: int, num_queries: int) -> Tensor:
     """Boolean [num_queries, start + num_queries] mask: a token sees every token of its own and earlier cells."""
-    cell_of = torch.arange(start + num_queries) // config.tokens_per_cell
+    cell_of = torch.arange(start + num_queries) // tokens_per_cell
     return cell_of[None, :] <= cell_of[start:, None]
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
+                     num_commit: int, tokens_per_cell: int) -> Tensor:
+    """Attention of new tokens over the cache's finished cells and, block-causally, over each other.
+
+    ``q, k, v``: [B, N, heads, head_dim], not yet rotated; ``cos, sin``: the RoPE tables of their
+    positions. The keys/values of the first ``num_commit`` tokens are the ones meant for the cache (this
+    reference writes all N after the finished cells: only ``cache.length`` says what is finished).
+    Returns [B, N, heads, head_dim]. The reference for ``xar_infer.kernels.block_causal_attention``.
+    """
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    start, N = cache.length, q.shape[2]
+    k, v = cache.update(layer, k, v)
+    # A single cell sees all its keys (the cache holds only earlier cells): no mask needed.
+    mask = block_causal_mask(tokens_per_cell, start, N).to(q.device) if N > tokens_per_cell else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+# attention(q, k, v, cos, sin, cache, layer, num_commit, tokens_per_cell): cached_attention or a kernel.
+AttentionFn = Callable[..., Tensor]
 
 
 class TimestepEmbedder(nn.Module):
@@ -117,16 +140,16 @@ class Attention(nn.Module):
     def __init__(self, config: XARConfig):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.tokens_per_cell = config.tokens_per_cell
         self.qkv = nn.Linear(config.dim, 3 * config.dim)
         self.proj = nn.Linear(config.dim, config.dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, num_commit: int,
+                attention: AttentionFn) -> Tensor:
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
+        out = attention(q, k, v, cos, sin, cache, layer, num_commit, self.tokens_per_cell)
+        return self.proj(out.reshape(B, N, D))
 
 
 class GatedMLP(nn.Module):
@@ -154,11 +177,12 @@ class Block(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(config.dim, 6 * config.dim))
         self.tokens_per_cell = config.tokens_per_cell
 
-    def forward(self, x: Tensor, cond: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, num_commit: int,
+                attention: AttentionFn) -> Tensor:
         # cond [B, cells, D] -> six [B, tokens, D] modulations, in the released chunk order.
         modulation = self.ada_lin(cond).repeat_interleave(self.tokens_per_cell, dim=1)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.chunk(6, dim=-1)
-        x = x + self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, cache, layer, mask) * gamma1
+        x = x + self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, cache, layer, num_commit, attention) * gamma1
         x = x + self.mlp(self.norm2(x) * (1 + scale2) + shift2) * gamma2
         return x
 
@@ -207,7 +231,8 @@ class XARTransformer(nn.Module):
         weight = self.z_proj.weight
         return KVCache(self.config, batch_size, weight.dtype, weight.device)
 
-    def forward(self, x: Tensor, labels: Tensor, t: Tensor, cache: KVCache, prefix: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, labels: Tensor, t: Tensor, cache: KVCache, prefix: Tensor | None = None,
+                attention: AttentionFn = cached_attention) -> Tensor:
         """Velocity of the noisy cells ``x`` that follow the cache's finished cells (and ``prefix``).
 
         ``x``: [B, k * tokens_per_cell, token_channels], one cell when sampling, every cell when
@@ -215,7 +240,8 @@ class XARTransformer(nn.Module):
         (1 = noise, 0 = data), [B] for one cell or [B, k] per cell. ``prefix``: clean tokens of whole
         finished cells not cached yet (the released sampler passes the previous cell); they run at t=0.
         The input attends block-causally (a cell sees itself and earlier cells); the keys and values of
-        ``prefix`` are added to the cache, those of ``x`` are not. Returns [B, k * tokens_per_cell, channels].
+        ``prefix`` are added to the cache, those of ``x`` are not. ``attention``: ``cached_attention`` or a
+        kernel with its contract (see ``xar_infer.backends``). Returns [B, k * tokens_per_cell, channels].
         """
         T = self.config.tokens_per_cell
         start, num_noisy = cache.length, x.shape[1]
@@ -235,19 +261,17 @@ class XARTransformer(nn.Module):
         cond = cond + self.class_emb(labels)[:, None, :]
 
         cos, sin = self.rope_cos[start:start + N], self.rope_sin[start:start + N]
-        # A single cell sees all its keys (the cache holds only earlier cells): no mask needed.
-        mask = block_causal_mask(self.config, start, N).to(x.device) if N > T else None
+        num_commit = 0 if prefix is None else prefix.shape[1]
 
         x = self.z_proj(x) + self.encoder_pos_embed_learned[:, start:start + N]
         x = self.z_proj_ln(x)
         for i, block in enumerate(self.encoder_blocks):
-            x = block(x, cond, cos, sin, cache, i, mask)
+            x = block(x, cond, cos, sin, cache, i, num_commit, attention)
         x = self.encoder_norm(x)
         x = self.decoder_embed(x) + self.decoder_pos_embed_learned[:, start:start + N]
         for i, block in enumerate(self.decoder_blocks, start=self.config.encoder_depth):
-            x = block(x, cond, cos, sin, cache, i, mask)
+            x = block(x, cond, cos, sin, cache, i, num_commit, attention)
         x = self.pred(self.decoder_norm(x))
 
-        if prefix is not None:
-            cache.length += prefix.shape[1]
+        cache.length += num_commit
         return x[:, -num_noisy:]

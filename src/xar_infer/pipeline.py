@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .backends import resolve_backend
 from .imagenet import resolve_class_labels
 from .loading import load_pretrained
 from .model import XARTransformer
@@ -40,8 +41,10 @@ class XARPipeline:
     """
 
     def __init__(self, transformer: XARTransformer, vae: AutoencoderKLDecoder | None = None, *,
-                 num_inference_steps: int = 50, guidance_scale: float = 1.0):
+                 num_inference_steps: int = 50, guidance_scale: float = 1.0, backend: str = "auto"):
         self.transformer = transformer
+        resolve_backend(backend, transformer.z_proj.weight.device)  # fail now, not at the first call
+        self.backend = backend
         self.vae = vae
         self.default_num_inference_steps = num_inference_steps
         self.default_guidance_scale = guidance_scale
@@ -51,7 +54,7 @@ class XARPipeline:
     def from_pretrained(cls, name_or_path: str | os.PathLike, vae: str | os.PathLike | AutoencoderKLDecoder | None = None, *,
                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                        local_files_only: bool = False) -> "XARPipeline":
+                        local_files_only: bool = False, backend: str = "auto") -> "XARPipeline":
         """Load a transformer and, optionally, the VAE.
 
         ``name_or_path``: a preset (``"xar-b"``, ``"xar-l"``, ``"xar-h"``: the released weights from the
@@ -59,14 +62,16 @@ class XARPipeline:
         ``xar-convert``, or a Hub repo id holding such a directory. ``vae``: MAR's ``kl16.ckpt`` (or a
         safetensors export) or an already loaded decoder; without it only ``output_type="latent"`` works,
         except for pixel-space models such as ``"xar-digits"``, which need none.
-        The VAE stays fp32 unless you pass a decoder in another dtype.
+        The VAE stays fp32 unless you pass a decoder in another dtype. ``backend``: ``"auto"`` (the
+        fused Triton kernels on CUDA when triton is installed, PyTorch otherwise), ``"torch"`` or
+        ``"triton"``; it is resolved for the pipeline's device at each call, so ``.to("cuda")`` works.
         """
         loaded = load_pretrained(name_or_path, dtype=dtype, device=device, revision=revision,
                                  cache_dir=cache_dir, local_files_only=local_files_only)
         if vae is not None and not isinstance(vae, AutoencoderKLDecoder):
             vae = load_vae(vae, device=device)
         return cls(loaded.model, vae, num_inference_steps=loaded.num_inference_steps,
-                   guidance_scale=loaded.guidance_scale)
+                   guidance_scale=loaded.guidance_scale, backend=backend)
 
     @property
     def device(self) -> torch.device:
@@ -123,12 +128,14 @@ class XARPipeline:
         self._check_arguments(steps, scale, output_type, sampler, guidance_schedule)
         config = self.transformer.config
         labels = torch.tensor(resolve_class_labels(class_labels, config.num_classes), device=self.device)
+        backend = resolve_backend(self.backend, self.device)
 
         total = config.num_cells * evaluations_per_cell(sampler, steps)
         with tqdm(**{"total": total, "unit": "eval", **self._progress_bar_config}) as progress:
             latent = generate_tokens(
                 self.transformer, labels, steps, scale, NoiseSource(generator, len(labels), self.device),
                 sampler=sampler, guidance_schedule=guidance_schedule, on_evaluation=lambda: progress.update(1),
+                backend=backend,
             )
 
         if output_type == "latent":

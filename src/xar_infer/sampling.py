@@ -8,12 +8,15 @@ probability-flow ODE deterministically.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .model import XARTransformer
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 SAMPLERS = ("sde", "euler", "heun")
 GUIDANCE_SCHEDULES = ("linear", "constant")
@@ -21,8 +24,8 @@ GUIDANCE_SCHEDULES = ("linear", "constant")
 # The released SDE sampler stops its stochastic steps here and takes one noiseless step to t=0.
 SDE_LAST_NOISY_TIME = 0.04
 
-# velocity(x, t, first) -> (conditional, unconditional or None), shaped and typed like x.
-VelocityFn = Callable[[Tensor, float, bool], tuple[Tensor, Tensor | None]]
+# velocity(x, t, first) -> the network's velocity for x (for the doubled batch when guided).
+VelocityFn = Callable[[Tensor, float, bool], Tensor]
 
 
 class NoiseSource:
@@ -69,60 +72,83 @@ def cell_guidance_scales(guidance_scale: float, num_cells: int, schedule: str = 
     raise ValueError(f"unknown guidance schedule {schedule!r}; choose one of {GUIDANCE_SCHEDULES}")
 
 
-def apply_guidance(cond: Tensor, uncond: Tensor | None, scale: float) -> Tensor:
-    if uncond is None or scale <= 1.0:
-        return cond
-    return uncond + scale * (cond - uncond)
-
-
 def sde_drift(v: Tensor, x: Tensor, t: Tensor) -> Tensor:
     """Drift of the reverse SDE with diffusion 2t, from the velocity: ``v - t * score``."""
     score = -(x + (1 - t) * v) / t
     return v - 0.5 * (2 * t) * score
 
 
-def sample_cell_sde(velocity: VelocityFn, x: Tensor, num_steps: int, guidance_scale: float, noise: NoiseSource) -> Tensor:
+def flow_step(rule: str, x: Tensor, velocity: Tensor, times: Tensor, step: int, scales: Tensor | None = None,
+              noise: Tensor | None = None, previous: Tensor | None = None, return_guided: bool = False):
+    """One sampler step for the batch: guidance per row, then the state update of ``rule``.
+
+    ``velocity``: the network's output for ``x`` [R, ...], or for the doubled batch [2R, ...]
+    (conditional rows first) when ``scales`` [R] is given; a row with scale <= 1 uses its conditional
+    velocity as is. ``t = times[step]``, ``dt = times[step + 1] - t``. Rules: ``sde``, the released
+    Euler-Maruyama step on the drift (noiseless when ``noise`` is None: the last step); ``euler``,
+    ``x + dt * v`` (with ``return_guided``, also the guided ``v``); ``heun``, the corrector
+    ``x + dt / 2 * (previous + v)``. Arithmetic in ``x``'s dtype, in the released order. This is the
+    reference for ``xar_infer.kernels.flow_step``.
+    """
+    t, dt = times[step], times[step + 1] - times[step]
+    cond, uncond = velocity.to(x.dtype).chunk(2) if scales is not None else (velocity.to(x.dtype), None)
+    if rule == "sde":
+        cond = sde_drift(cond, x, t)
+        uncond = None if uncond is None else sde_drift(uncond, x, t)
+    guided = cond
+    if uncond is not None:
+        scale = scales.view(-1, *[1] * (x.dim() - 1))
+        guided = torch.where(scale > 1, uncond + scale * (cond - uncond), cond)
+    if rule == "sde":
+        return x + dt * guided if noise is None else x + guided * dt + torch.sqrt(2 * t) * (noise * torch.sqrt(dt.abs()))
+    if rule == "euler":
+        out = x + dt * guided
+        return (out, guided) if return_guided else out
+    if rule == "heun":
+        return x + dt * 0.5 * (previous + guided)
+    raise ValueError(f"unknown rule {rule!r}; choose one of ('sde', 'euler', 'heun')")
+
+
+# step(rule, x, velocity, times, step, scales, ...): flow_step or its kernel.
+StepFn = Callable[..., Tensor]
+
+
+def sample_cell_sde(velocity: VelocityFn, x: Tensor, num_steps: int, scales: Tensor | None, noise: NoiseSource,
+                    step: StepFn = flow_step) -> Tensor:
     """The released Euler-Maruyama sampler: ``num_steps`` evaluations, every step but the last noisy.
 
     Each noisy step draws its noise before evaluating the network, matching the released draw order.
     """
     grid = sde_time_grid(num_steps)
+    times = grid.to(device=x.device, dtype=x.dtype)
     for i in range(num_steps):
-        t, dt = grid[i], grid[i + 1] - grid[i]
-        is_last = i == num_steps - 1
-        eps = None if is_last else noise.randn(x.shape[1:], x.dtype)
-        cond, uncond = velocity(x, float(t), i == 0)
-        drift = apply_guidance(sde_drift(cond, x, t), None if uncond is None else sde_drift(uncond, x, t), guidance_scale)
-        if is_last:
-            x = x + dt * drift
-        else:
-            x = x + drift * dt + torch.sqrt(2 * t) * (eps * torch.sqrt(dt.abs()))
+        eps = None if i == num_steps - 1 else noise.randn(x.shape[1:], x.dtype)
+        x = step("sde", x, velocity(x, float(grid[i]), i == 0), times, i, scales, noise=eps)
     return x
 
 
-def sample_cell_euler(velocity: VelocityFn, x: Tensor, num_steps: int, guidance_scale: float, noise: NoiseSource) -> Tensor:
+def sample_cell_euler(velocity: VelocityFn, x: Tensor, num_steps: int, scales: Tensor | None, noise: NoiseSource,
+                      step: StepFn = flow_step) -> Tensor:
     """Euler steps on the guided velocity over a uniform grid from 1 to 0."""
     grid = ode_time_grid(num_steps)
+    times = grid.to(device=x.device, dtype=x.dtype)
     for i in range(num_steps):
-        t, dt = grid[i], grid[i + 1] - grid[i]
-        x = x + dt * apply_guidance(*velocity(x, float(t), i == 0), guidance_scale)
+        x = step("euler", x, velocity(x, float(grid[i]), i == 0), times, i, scales)
     return x
 
 
-def sample_cell_heun(velocity: VelocityFn, x: Tensor, num_steps: int, guidance_scale: float, noise: NoiseSource) -> Tensor:
+def sample_cell_heun(velocity: VelocityFn, x: Tensor, num_steps: int, scales: Tensor | None, noise: NoiseSource,
+                     step: StepFn = flow_step) -> Tensor:
     """Heun's second-order method over a uniform grid; the step landing on t=0 is a plain Euler step,
     so ``num_steps`` steps cost ``2 * num_steps - 1`` evaluations."""
     grid = ode_time_grid(num_steps)
+    times = grid.to(device=x.device, dtype=x.dtype)
     for i in range(num_steps):
-        t, t_next = grid[i], grid[i + 1]
-        dt = t_next - t
-        v = apply_guidance(*velocity(x, float(t), i == 0), guidance_scale)
-        x_euler = x + dt * v
+        x_euler, v = step("euler", x, velocity(x, float(grid[i]), i == 0), times, i, scales, return_guided=True)
         if i == num_steps - 1:
             x = x_euler
         else:
-            v_next = apply_guidance(*velocity(x_euler, float(t_next), False), guidance_scale)
-            x = x + dt * 0.5 * (v + v_next)
+            x = step("heun", x, velocity(x_euler, float(grid[i + 1]), False), times, i, scales, previous=v)
     return x
 
 
@@ -157,14 +183,18 @@ def generate_tokens(
     sampler: str = "sde",
     guidance_schedule: str = "linear",
     on_evaluation: Callable[[], None] | None = None,
+    backend: "Backend | None" = None,
 ) -> Tensor:
     """Generate the latent [B, c, grid, grid] (model scale, not yet divided by ``latent_scale``).
 
     Cells are generated in order. Every network call of a cell sees the finished cells through one KV
     cache made for this call; the first call of each cell also runs the previous cell, clean at t=0,
     and caches it. With guidance the batch is doubled (conditional rows first, null class after) on
-    every call, as in the released sampler.
+    every call, as in the released sampler. ``backend``: the attention and step implementations
+    (``xar_infer.backends``; PyTorch when None).
     """
+    if backend is None:
+        from .backends import TORCH as backend
     config = model.config
     if sampler not in CELL_SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -183,15 +213,17 @@ def generate_tokens(
         if prefix is not None and guided:
             prefix = torch.cat([prefix, prefix])
 
-        def velocity(x: Tensor, t: float, first: bool, prefix=prefix) -> tuple[Tensor, Tensor | None]:
+        def velocity(x: Tensor, t: float, first: bool, prefix=prefix) -> Tensor:
             inputs = torch.cat([x, x]) if guided else x
             times = torch.full((len(inputs),), t, dtype=x.dtype, device=x.device)
-            v = model(inputs.to(dtype), batch_labels, times, cache, prefix=prefix if first else None).to(x.dtype)
+            v = model(inputs.to(dtype), batch_labels, times, cache, prefix=prefix if first else None,
+                      attention=backend.attention)
             if on_evaluation is not None:
                 on_evaluation()
-            return v.chunk(2) if guided else (v, None)
+            return v
 
+        row_scales = torch.full((len(labels),), scale, dtype=state_dtype, device=labels.device) if guided else None
         x = noise.randn(cell_shape, torch.float32).to(state_dtype)
-        x = CELL_SAMPLERS[sampler](velocity, x, num_steps, scale, noise)
+        x = CELL_SAMPLERS[sampler](velocity, x, num_steps, row_scales, noise, backend.flow_step)
         cells.append(x.float())
     return tokens_to_latent(torch.cat(cells, dim=1), config.grid_size, config.cell_size)

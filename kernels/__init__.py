@@ -1,0 +1,21 @@
+"""Triton kernels of xar_infer, installed as ``xar_infer.kernels``.
+
+Each file holds one kernel family: the ``@triton.jit`` kernel next to the Python launcher that checks
+its inputs. The PyTorch reference each one is tested against is the package's own torch path
+(``xar_infer.backends``). Kernels are compiled for CUDA, or run by Triton's interpreter on CPU when
+``TRITON_INTERPRET=1`` is set before this package is imported.
+"""
+
+from .attention import block_causal_attention
+from .flow_step import flow_step
+
+__all__ = ["block_causal_attention", "flow_step", "runs_interpreted"]
+
+
+def runs_interpreted() -> bool:
+    """Whether these kernels were set up for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .attention import _block_causal_attention_kernel
+
+    return isinstance(_block_causal_attention_kernel, InterpretedFunction)

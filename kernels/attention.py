@@ -1,0 +1,167 @@
+"""Block-causal attention of a step's new tokens over the KV cache of finished cells.
+
+One kernel serves both calls the sampler makes: the first step of a cell (queries = [previous cell,
+clean ; this cell, noisy]) and every later step (queries = this cell). Keys are the cache's finished
+cells followed by the new tokens; a new token sees the new tokens of its own and earlier cells, a rule
+computed from indices, so no mask tensor exists. RoPE is applied to queries and keys as they are
+loaded, and the rotated keys/values of the first ``num_commit`` new tokens are written into the cache
+in place, after its ``cache_len`` finished tokens. Softmax is online (one pass over the keys), in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rotated(ptrs, rows, row_mask, cos_ptr, sin_ptr, stride_rope, offs_d, d_mask):
+    """Rows of a [tokens, head_dim] tile rotated by their RoPE angles, in fp32: channel pairs
+    (2i, 2i+1) become (x0 cos - x1 sin, x1 cos + x0 sin)."""
+    mask = row_mask[:, None] & d_mask[None, :]
+    x = tl.load(ptrs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_pair = tl.load(ptrs + (offs_d ^ 1)[None, :], mask=mask, other=0.0).to(tl.float32)
+    sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+    cos = tl.load(cos_ptr + rows[:, None] * stride_rope + offs_d[None, :], mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + rows[:, None] * stride_rope + offs_d[None, :], mask=mask, other=0.0)
+    return x * cos + (sign[None, :] * x_pair) * sin
+
+
+@triton.jit
+def _online_softmax_update(acc, m_i, l_i, scores, v, DOT_PRECISION: tl.constexpr):
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _block_causal_attention_kernel(
+    Q, K, V, COS, SIN, CACHE_K, CACHE_V, OUT,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_cb, stride_ch, stride_cn,
+    stride_ob, stride_on, stride_oh,
+    stride_rope,
+    num_heads, num_new, cache_len, num_commit, tokens_per_cell, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    dtype = Q.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < num_new
+    d_mask = offs_d < HEAD_DIM
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+    # Rounded to the input dtype like the reference's rotated queries; the softmax scale (and log2 e,
+    # for exp2) is folded into the scores afterwards.
+    q = _load_rotated(q_ptrs, offs_m, m_mask, COS, SIN, stride_rope, offs_d, d_mask).to(dtype)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Finished cells: every new token sees all of them.
+    cache_k = CACHE_K + b * stride_cb + h * stride_ch
+    cache_v = CACHE_V + b * stride_cb + h * stride_ch
+    for start_n in range(0, cache_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < cache_len
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(cache_k + offs_n[:, None] * stride_cn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(cache_v + offs_n[:, None] * stride_cn + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, scores, v, DOT_PRECISION)
+
+    # New tokens, block-causally: key j is visible to query i iff cell(j) <= cell(i). The first key
+    # block holds token 0, visible to every query, so no row meets a fully masked block first.
+    query_cell = offs_m // tokens_per_cell
+    last_query = tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_new) - 1
+    kv_end = (last_query // tokens_per_cell + 1) * tokens_per_cell
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < kv_end
+        k = _load_rotated(k_base + offs_n[:, None] * stride_kn, offs_n, n_mask, COS, SIN, stride_rope, offs_d, d_mask).to(dtype)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        visible = (offs_n[None, :] // tokens_per_cell <= query_cell[:, None]) & n_mask[None, :]
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.where(visible, scores, float("-inf"))
+        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, scores, v, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(out_ptrs, out.to(dtype), mask=m_mask[:, None] & d_mask[None, :])
+
+    # This block's rows among the committed tokens enter the cache; each row has one owner program,
+    # and no program reads cache rows at or after cache_len, so there is no race.
+    commit_mask = offs_m < num_commit
+    if pid_m * BLOCK_M < num_commit:
+        k_new = _load_rotated(k_base + offs_m[:, None] * stride_kn, offs_m, commit_mask, COS, SIN, stride_rope, offs_d, d_mask)
+        v_new = tl.load(v_base + offs_m[:, None] * stride_vn + offs_d[None, :], mask=commit_mask[:, None] & d_mask[None, :])
+        rows = (cache_len + offs_m)[:, None] * stride_cn + offs_d[None, :]
+        tl.store(cache_k + rows, k_new.to(dtype), mask=commit_mask[:, None] & d_mask[None, :])
+        tl.store(cache_v + rows, v_new, mask=commit_mask[:, None] & d_mask[None, :])
+
+
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           cache_k: torch.Tensor, cache_v: torch.Tensor, cache_len: int, num_commit: int,
+                           tokens_per_cell: int) -> torch.Tensor:
+    """Attention of ``N`` new tokens over ``cache_len`` cached ones and themselves, block-causal by cell.
+
+    ``q, k, v``: [B, N, heads, head_dim], not yet rotated, any strides with a unit last one (e.g. views
+    into the fused qkv projection). ``cos, sin``: fp32 [N, head_dim] RoPE tables of the new tokens'
+    positions. ``cache_k, cache_v``: [B_cache >= B, heads, max_len, head_dim]; rows ``[0, cache_len)``
+    are read, the rotated keys/values of new tokens ``[0, num_commit)`` are written at
+    ``[cache_len, cache_len + num_commit)``. ``N`` is a whole number of cells. Returns [B, N, heads, head_dim].
+    """
+    B, N, H, D = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype == cache_k.dtype == cache_v.dtype:
+        raise ValueError(f"q, k, v and the cache must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {cache_k.dtype}, {cache_v.dtype}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {q.dtype}")
+    if D % 2 or N % tokens_per_cell:
+        raise ValueError(f"need an even head_dim and whole cells of {tokens_per_cell} tokens, got head_dim {D}, {N} tokens")
+    if cache_k.shape != cache_v.shape or cache_k.stride() != cache_v.stride():
+        raise ValueError("cache keys and values must have one shape and layout")
+    if cache_k.shape[0] < B or cache_k.shape[1] != H or cache_k.shape[3] != D:
+        raise ValueError(f"cache {tuple(cache_k.shape)} does not fit queries {tuple(q.shape)}")
+    if not 0 <= num_commit <= N or cache_len + num_commit > cache_k.shape[2]:
+        raise ValueError(f"cannot commit {num_commit} of {N} tokens after {cache_len} into a cache of {cache_k.shape[2]}")
+    if cos.shape != (N, D) or sin.shape != (N, D) or cos.dtype != torch.float32 or sin.stride() != cos.stride():
+        raise ValueError(f"cos and sin must be fp32 [{N}, {D}] tables with one layout")
+    if any(t.stride(-1) != 1 for t in (q, k, v, cache_k, cos)):
+        raise ValueError("the last dimension of q, k, v, the cache and the RoPE tables must be contiguous")
+
+    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+    block_m = 64 if N >= 64 else max(16, triton.next_power_of_2(N))
+    grid = (triton.cdiv(N, block_m), B * H)
+    _block_causal_attention_kernel[grid](
+        q, k, v, cos, sin, cache_k, cache_v, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        cos.stride(0),
+        H, N, cache_len, num_commit, tokens_per_cell, math.log2(math.e) / math.sqrt(D),
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=64,
+        # fp32 models stay exact: no TF32 in the products.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out

@@ -1,0 +1,73 @@
+"""Which implementation runs each hot op: PyTorch (the reference) or the Triton kernels.
+
+Two ops differ between backends: the attention of a step's new tokens over the KV cache (RoPE, cache
+write and block-causal softmax included), ``model.cached_attention``, and the sampler's per-step
+state update, ``sampling.flow_step``. Those torch versions define what both compute;
+``xar_infer.kernels`` holds the fused Triton ones, tested against them. ``resolve_backend`` is the one
+place that chooses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .model import cached_attention
+from .sampling import flow_step
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The implementations of the hot ops; ``model.cached_attention`` and ``sampling.flow_step`` define their contracts."""
+
+    name: str
+    attention: Callable[..., Tensor]
+    flow_step: Callable
+
+
+TORCH = Backend("torch", cached_attention, flow_step)
+
+
+def _triton_backend() -> Backend:
+    from . import kernels
+
+    def attention(q, k, v, cos, sin, cache, layer, num_commit, tokens_per_cell):
+        return kernels.block_causal_attention(q, k, v, cos, sin, cache.keys[layer], cache.values[layer],
+                                              cache.length, num_commit, tokens_per_cell)
+
+    return Backend("triton", attention, kernels.flow_step)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device | str) -> Backend:
+    """The backend to run on ``device``: ``"torch"``, ``"triton"``, or ``"auto"`` (Triton on CUDA when
+    it is installed, PyTorch otherwise). Triton on CPU runs its kernels through Triton's interpreter,
+    which must be switched on with ``TRITON_INTERPRET=1`` before xar_infer's kernels are imported."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    device = torch.device(device)
+    if name == "torch" or (name == "auto" and not (device.type == "cuda" and triton_available())):
+        return TORCH
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package (pip install triton, Linux); "
+                         "use backend='torch' or 'auto'")
+    if device.type != "cuda":
+        from . import kernels
+
+        if device.type != "cpu" or not kernels.runs_interpreted():
+            raise ValueError(f"backend='triton' runs on CUDA devices, not {device.type}; on CPU it runs only "
+                             "under Triton's interpreter (set TRITON_INTERPRET=1 before starting Python, slow, "
+                             "for testing): use backend='torch' or 'auto' here")
+    return _triton_backend()
