@@ -70,16 +70,16 @@ class Contender:
 class XARContender(Contender):
     """xar_infer's pipeline on a preset's architecture, with MAR's KL-16 decoder."""
 
-    def __init__(self, preset_name: str, device: str, dtype: torch.dtype):
+    def __init__(self, preset_name: str, device: str, dtype: torch.dtype, backend: str = "torch"):
         preset = PRESETS[preset_name]
         self.preset, self.device = preset, device
-        self.name = f"xar_infer {preset_name} (torch, exact)"
+        self.name = f"xar_infer {preset_name} ({backend}, exact)"
         self.nominal_steps = preset.num_inference_steps
         self.description = f"{preset.num_inference_steps} SDE steps per cell, cfg {preset.guidance_scale}"
         transformer = build_on(device, dtype, lambda: XARTransformer(preset.config))
         vae = build_on(device, torch.float32, lambda: AutoencoderKLDecoder(VAEConfig()))
         self.pipe = XARPipeline(transformer, vae, num_inference_steps=preset.num_inference_steps,
-                                guidance_scale=preset.guidance_scale)
+                                guidance_scale=preset.guidance_scale, backend=backend)
         self.pipe.set_progress_bar_config(disable=True)
 
     def generate(self, batch: int, steps: int) -> torch.Tensor:

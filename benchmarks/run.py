@@ -75,8 +75,9 @@ def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 5) -> dict:
 def make_contender(name: str, device: str, dtype: torch.dtype, official_repo: str | None):
     from contenders import DiTContender, OfficialXARContender, SiTContender, XARContender
 
-    if name in XAR_PRESETS:
-        return XARContender(name, device, dtype), None
+    preset, _, backend = name.partition("+")
+    if preset in XAR_PRESETS:
+        return XARContender(preset, device, dtype, backend or "torch"), None
     if name.startswith("official-"):
         reference = XARContender(name.removeprefix("official-"), device, dtype)
         return OfficialXARContender(official_repo, name.removeprefix("official-"), reference), reference
@@ -180,10 +181,12 @@ def add_derived_figures(row: dict, peak: float) -> None:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Per batch size: how many times faster each xar_infer row is than DiT, SiT and the official code."""
+    """Per batch size: how many times faster each xar_infer row is than DiT, SiT, the official code and
+    (for the Triton rows) our plain PyTorch path."""
     out = []
-    for row in (r for r in rows if r["key"] in XAR_PRESETS):
-        rivals = {"dit", "sit", f"official-{row['key']}"}
+    for row in (r for r in rows if r["key"].partition("+")[0] in XAR_PRESETS):
+        preset, _, backend = row["key"].partition("+")
+        rivals = {"dit", "sit", f"official-{preset}"} | ({preset} if backend else set())
         for other in (o for o in rows if o["batch"] == row["batch"] and o["key"] in rivals):
             out.append({
                 "batch": row["batch"], "xar_infer": row["contender"], "versus": other["contender"],
@@ -197,6 +200,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="xar-b, DiT and SiT at batch 1, 2 timed steps, 1 run")
     parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS))
+    parser.add_argument("--backends", default=None,
+                        help="xar_infer backends to time, e.g. torch,triton (default: torch,triton on CUDA, torch on CPU)")
     parser.add_argument("--batch-sizes", default="1,8,64")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="time at most K sampling steps (K >= 2) and extrapolate to the official count")
@@ -217,9 +222,13 @@ def main(argv=None) -> None:
     if args.max_steps is not None and args.max_steps < 2:
         parser.error("--max-steps must be at least 2 (the line needs two points)")
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    contenders = args.contenders.split(",")
+    backends = (args.backends or ("torch,triton" if args.device.startswith("cuda") else "torch")).split(",")
+    contenders = []
+    for name in args.contenders.split(","):
+        # "xar-b" is the plain PyTorch path; "xar-b+triton" the same model on the Triton kernels.
+        contenders += [name if b == "torch" else f"{name}+{b}" for b in backends] if name in XAR_PRESETS else [name]
     if args.official_repo:
-        contenders += [f"official-{c}" for c in contenders if c in XAR_PRESETS]
+        contenders += [f"official-{c}" for c in args.contenders.split(",") if c in XAR_PRESETS]
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
     started = time.time()
@@ -238,7 +247,7 @@ def main(argv=None) -> None:
     report = {
         "machine": machine_info(args.device),
         "settings": {"device": args.device, "dtype": dtype, "batch_sizes": batches, "max_steps": args.max_steps,
-                     "repeats": args.repeats, "quick": args.quick, "contenders": contenders,
+                     "repeats": args.repeats, "quick": args.quick, "contenders": contenders, "backends": backends,
                      "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])])},
         "matmul_peak": peak,
         "rows": rows,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,20 @@ def test_quick_run_reports_every_contender(tmp_path):
         ("DiT-XL/2 (diffusers)", 1), ("SiT-XL/2 (diffusers backbone)", 1)}
     assert "extrapolated from 2 timed step(s)" in (tmp_path / "quick.md").read_text()
     assert (tmp_path / "quick.png").stat().st_size > 0
+
+
+@pytest.mark.triton
+def test_attention_microbenchmark_runs(tmp_path):
+    """Smoke run of the attention microbenchmark (on CPU the kernel is interpreted: times mean nothing,
+    but every contender runs on the real xAR-B shapes and their outputs agree)."""
+    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    device = ["--device", "cpu", "--dtype", "fp32"] if not torch.cuda.is_available() else []
+    subprocess.run([sys.executable, str(BENCHMARKS / "attention.py"), *device, "--models", "xar-b", "--batch-sizes", "1",
+                    "--cache-lengths", "64", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "smoke"],
+                   check=True, capture_output=True, timeout=600, env=env)
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    assert [(r["step"], r["cache_len"]) for r in report["rows"]] == [("first", 64), ("later", 64)]
+    for row in report["rows"]:
+        assert row["max_difference"] < 2e-5
+        assert all(row[f"{name} us"] > 0 for name in ("triton", "torch path", "sdpa"))
+    assert "| xar-b | 1 | 64 | first |" in (tmp_path / "smoke.md").read_text()
