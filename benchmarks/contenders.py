@@ -17,6 +17,7 @@ from flops import counted_flops, dit_xl2_flops_per_forward, xar_flops_per_image
 from xar_infer import XARPipeline, XARTransformer
 from xar_infer.config import PRESETS
 from xar_infer.loading import released_buffers
+from xar_infer.sampling import MODULATION_TABLE_BYTES, ModulationTable, evaluation_times
 from xar_infer.vae import AutoencoderKLDecoder, VAEConfig
 
 
@@ -53,6 +54,7 @@ class Contender:
     # a cell also runs the previous cell, so it is timed at 1 and K steps and extrapolated on a line.
     uniform_steps: bool = False
     min_steps: int = 1  # the fewest sampling steps the sampler handles
+    extrapolable: bool = True  # False: always timed at the full step count
 
     def generate(self, batch: int, steps: int) -> torch.Tensor:
         raise NotImplementedError
@@ -67,30 +69,58 @@ class Contender:
         raise NotImplementedError
 
 
-class XARContender(Contender):
-    """xar_infer's pipeline on a preset's architecture, with MAR's KL-16 decoder."""
+# Opt-in modes that change the images (labelled as such): fewer steps in later cells, as in DiSA
+# (50/38/26/15 for 50 steps, scaled here to the preset's count), and guidance only at flow times in
+# the interval below (the middle of the noise range, after Kynkaanniemi et al. 2024).
+TAPER = (1.0, 0.76, 0.52, 0.3)
+GUIDANCE_INTERVAL = (0.2, 0.8)
 
-    def __init__(self, preset_name: str, device: str, dtype: torch.dtype, backend: str = "torch"):
+
+class XARContender(Contender):
+    """xar_infer's pipeline on a preset's architecture, with MAR's KL-16 decoder.
+
+    ``mode``: ``exact`` (the released sampler's results), ``taper`` (per-cell step counts) or
+    ``interval`` (guidance interval); the last two change the outputs and are always timed in full.
+    """
+
+    def __init__(self, preset_name: str, device: str, dtype: torch.dtype, backend: str = "torch", mode: str = "exact"):
         preset = PRESETS[preset_name]
-        self.preset, self.device = preset, device
-        self.name = f"xar_infer {preset_name} ({backend}, exact)"
+        self.preset, self.device, self.mode = preset, device, mode
+        self.name = f"xar_infer {preset_name} ({backend}, {mode if mode == 'exact' else mode + ', changes outputs'})"
         self.nominal_steps = preset.num_inference_steps
-        self.description = f"{preset.num_inference_steps} SDE steps per cell, cfg {preset.guidance_scale}"
+        steps = self.steps(preset.num_inference_steps)
+        steps_text = "/".join(map(str, steps)) if isinstance(steps, list) else str(steps)
+        self.description = f"{steps_text} SDE steps per cell, cfg {preset.guidance_scale}"
+        if mode == "interval":
+            self.description += f" at t in {list(GUIDANCE_INTERVAL)}"
+        self.extrapolable = mode == "exact"
         transformer = build_on(device, dtype, lambda: XARTransformer(preset.config))
         vae = build_on(device, torch.float32, lambda: AutoencoderKLDecoder(VAEConfig()))
         self.pipe = XARPipeline(transformer, vae, num_inference_steps=preset.num_inference_steps,
                                 guidance_scale=preset.guidance_scale, backend=backend)
         self.pipe.set_progress_bar_config(disable=True)
+        self.batch = 1
+
+    def steps(self, steps: int) -> int | list[int]:
+        return [max(1, round(f * steps)) for f in TAPER] if self.mode == "taper" else steps
 
     def generate(self, batch: int, steps: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
-        return self.pipe(list(range(batch)), num_inference_steps=steps, generator=generator, output_type="latent").images
+        self.batch = batch
+        return self.pipe(list(range(batch)), num_inference_steps=self.steps(steps), generator=generator, output_type="latent",
+                         guidance_interval=GUIDANCE_INTERVAL if self.mode == "interval" else None).images
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipe.decode(latents)
 
     def flops_per_image(self, steps: int) -> float:
-        return xar_flops_per_image(self.preset.config, steps, guided=self.preset.guidance_scale > 1)
+        # Whether generate_tokens used its modulation table (it does up to a size) decides the count.
+        per_cell = self.steps(steps)
+        times = {0.0, *(t for n in (per_cell if isinstance(per_cell, list) else [per_cell]) for t in evaluation_times("sde", n))}
+        rows = self.batch * (2 if self.preset.guidance_scale > 1 else 1)
+        table = ModulationTable.nbytes(self.pipe.transformer, rows, len(times)) <= MODULATION_TABLE_BYTES
+        return xar_flops_per_image(self.preset.config, self.steps(steps), self.preset.guidance_scale, modulation_table=table,
+                                   guidance_interval=GUIDANCE_INTERVAL if self.mode == "interval" else None)
 
     def decode_flops_per_image(self) -> float:
         return counted_flops(lambda: self.decode(torch.zeros(1, 16, 16, 16, device=self.device)))
@@ -215,7 +245,7 @@ class OfficialXARContender(Contender):
         return self.reference.decode(latents)
 
     def flops_per_image(self, steps: int) -> float:
-        return self.reference.flops_per_image(steps)
+        return xar_flops_per_image(self.reference.preset.config, steps, self.reference.preset.guidance_scale, released=True)
 
     def decode_flops_per_image(self) -> float:
         return self.reference.decode_flops_per_image()

@@ -9,7 +9,9 @@ xAR, per evaluation of q query tokens against k keys, per layer (D width, H MLP 
   + per evaluation: 2 q D (c + D + c) for z_proj, decoder_embed and pred (c token channels),
     and 2 cells (F D + D^2) for the time-embedding MLP (F sinusoidal frequencies)
 Cell s (0-based, T tokens per cell) is evaluated N times: the first with q = 2T (the previous cell is
-re-run) if s > 0, the rest with q = T; keys k = (s + 1) T. Guidance doubles every evaluation.
+re-run) if s > 0, the rest with q = T; keys k = (s + 1) T. The released sampler doubles every
+evaluation for guidance and computes the modulation per evaluation; xar_infer skips the discarded
+unconditional half of the first cell and computes all modulations once (``xar_flops_per_image``).
 
 DiT-XL/2 per forward pass (n = 256 tokens of 1152, 28 blocks, MLP 4D):
     28 [2 n 12 D^2 + 4 n^2 D + 2 (6 D^2 + 256 D + D^2)] + 2 n D (16 + 32) + 2 (2 D^2 + 256 D + D^2)
@@ -27,23 +29,47 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from xar_infer.config import XARConfig
+from xar_infer.sampling import cell_guidance_scales, evaluation_times
 
 
-def xar_evaluation_flops(c: XARConfig, queries: int, keys: int, cells: int) -> float:
+def xar_evaluation_flops(c: XARConfig, queries: int, keys: int, cells: int, modulation: bool = True) -> float:
+    """One network evaluation; ``modulation=False`` when the adaLN modulations come from a table."""
     D, H = c.dim, c.mlp_hidden_dim
-    per_layer = 2 * queries * (4 * D * D + 3 * D * H) + 4 * queries * keys * D + 2 * cells * 6 * D * D
-    outside = 2 * queries * D * (2 * c.token_channels + D) + 2 * cells * (c.time_frequencies * D + D * D)
-    return c.num_layers * per_layer + outside
+    per_layer = 2 * queries * (4 * D * D + 3 * D * H) + 4 * queries * keys * D
+    outside = 2 * queries * D * (2 * c.token_channels + D)
+    return c.num_layers * per_layer + outside + (modulation_flops(c, cells) if modulation else 0.0)
 
 
-def xar_flops_per_image(c: XARConfig, steps: int, guided: bool, sampler_evaluations: int | None = None) -> float:
-    """FLOPs of generating one image's latent with ``steps`` evaluations per cell."""
+def modulation_flops(c: XARConfig, conditions: int) -> float:
+    """adaLN modulations of every layer, and the time-embedding MLP, for ``conditions`` (label, time) pairs."""
+    return conditions * (c.num_layers * 2 * 6 * c.dim * c.dim + 2 * (c.time_frequencies * c.dim + c.dim * c.dim))
+
+
+def xar_flops_per_image(c: XARConfig, steps: int | list[int], guidance_scale: float, released: bool = False,
+                        guidance_interval: tuple[float, float] | None = None, modulation_table: bool = True) -> float:
+    """FLOPs of generating one image's latent with the SDE sampler and the linear guidance schedule;
+    ``steps``: evaluations per cell (one count, or one per cell). ``released=True``: the released
+    sampler's work (every evaluation doubled when guided, modulations computed per evaluation).
+    Otherwise xar_infer's, as ``sampling.generate_tokens`` does it: an evaluation runs the
+    unconditional half only when it guides (or caches the previous cell for later guided calls), and
+    with ``modulation_table`` all (row, time) modulations are computed once up front."""
     T, total = c.tokens_per_cell, 0.0
-    for s in range(c.num_cells):
-        keys = (s + 1) * T
-        first = xar_evaluation_flops(c, 2 * T if s else T, keys, 2 if s else 1)
-        total += first + (steps - 1) * xar_evaluation_flops(c, T, keys, 1)
-    return total * (2 if guided else 1)
+    counts = steps if isinstance(steps, list) else [steps] * c.num_cells
+    scales = cell_guidance_scales(guidance_scale, c.num_cells)
+    guided = any(s > 1 for s in scales)
+    lo, hi = guidance_interval or (0.0, 1.0)
+    per_call_modulation = released or not modulation_table
+    times = {0.0}
+    for s, n in enumerate(counts):
+        for i, t in enumerate(evaluation_times("sde", n)):
+            with_prefix = i == 0 and s > 0
+            doubled = guided and (released or with_prefix or (scales[s] > 1 and lo <= t <= hi))
+            queries, cells = (2 * T, 2) if with_prefix else (T, 1)
+            total += (2 if doubled else 1) * xar_evaluation_flops(c, queries, (s + 1) * T, cells, per_call_modulation)
+            times.add(t)
+    if not per_call_modulation:
+        total += modulation_flops(c, (2 if guided else 1) * len(times))
+    return total
 
 
 def dit_xl2_flops_per_forward(n: int = 256, D: int = 1152, depth: int = 28) -> float:

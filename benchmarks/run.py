@@ -75,9 +75,10 @@ def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 5) -> dict:
 def make_contender(name: str, device: str, dtype: torch.dtype, official_repo: str | None):
     from contenders import DiTContender, OfficialXARContender, SiTContender, XARContender
 
+    name, _, mode = name.partition("@")  # "xar-b+triton@taper": preset, backend, mode
     preset, _, backend = name.partition("+")
     if preset in XAR_PRESETS:
-        return XARContender(preset, device, dtype, backend or "torch"), None
+        return XARContender(preset, device, dtype, backend or "torch", mode or "exact"), None
     if name.startswith("official-"):
         reference = XARContender(name.removeprefix("official-"), device, dtype)
         return OfficialXARContender(official_repo, name.removeprefix("official-"), reference), reference
@@ -94,7 +95,7 @@ def measure(spec: dict) -> dict:
             torch.cuda.reset_peak_memory_stats()
         short, low = min(spec["max_steps"] or nominal, nominal), contender.min_steps
         timed(lambda: contender.generate(batch, low), device)  # warm-up
-        if short >= nominal:
+        if short >= nominal or not contender.extrapolable:
             timed_steps = nominal
             generate_seconds, latents = median_time(lambda: contender.generate(batch, nominal), device, repeats)
         elif contender.uniform_steps:
@@ -124,6 +125,7 @@ def measure(spec: dict) -> dict:
         if reference is not None:  # the official code against ours: same weights, seed and steps
             ours = reference.generate(batch, timed_steps)
             result["max_abs_diff_vs_xar_infer"] = (latents.float() - ours.float()).abs().max().item()
+            result["paired_generate_speedups"] = paired_speedups(reference, contender, batch, nominal, timed_steps, repeats, device)
     if device.startswith("cuda"):
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         result["peak_memory_kind"] = "CUDA allocated"
@@ -131,6 +133,22 @@ def measure(spec: dict) -> dict:
         result["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         result["peak_memory_kind"] = "process RSS"
     return result
+
+
+def paired_speedups(ours, theirs, batch: int, nominal: int, timed_steps: int, repeats: int, device: str) -> list[float]:
+    """Generate-time ratios theirs / ours, each from one round that times both back to back (on the
+    same steps, extrapolated the same way). A shared machine's speed drifts between contenders timed
+    minutes apart; within a round it barely does, so the median of these is the comparison to trust."""
+    low = theirs.min_steps
+
+    def seconds(contender) -> float:
+        if timed_steps >= nominal:
+            return timed(lambda: contender.generate(batch, nominal), device)[0]
+        t_low = timed(lambda: contender.generate(batch, low), device)[0]
+        t_high = timed(lambda: contender.generate(batch, timed_steps), device)[0]
+        return t_low + (nominal - low) / (timed_steps - low) * (t_high - t_low)
+
+    return [seconds(theirs) / seconds(ours) for _ in range(repeats)]
 
 
 def run_in_subprocess(spec: dict) -> dict:
@@ -184,14 +202,17 @@ def ratios(rows: list[dict]) -> list[dict]:
     """Per batch size: how many times faster each xar_infer row is than DiT, SiT, the official code and
     (for the Triton rows) our plain PyTorch path."""
     out = []
-    for row in (r for r in rows if r["key"].partition("+")[0] in XAR_PRESETS):
-        preset, _, backend = row["key"].partition("+")
-        rivals = {"dit", "sit", f"official-{preset}"} | ({preset} if backend else set())
+    for row in (r for r in rows if r["key"].partition("@")[0].partition("+")[0] in XAR_PRESETS):
+        # Rivals of a variant (another backend or mode) include our plain exact PyTorch path.
+        preset = row["key"].partition("@")[0].partition("+")[0]
+        rivals = {"dit", "sit", f"official-{preset}"} | ({preset} if row["key"] != preset else set())
         for other in (o for o in rows if o["batch"] == row["batch"] and o["key"] in rivals):
             out.append({
                 "batch": row["batch"], "xar_infer": row["contender"], "versus": other["contender"],
                 "end_to_end_speedup": other["end_to_end_seconds_per_image"] / row["end_to_end_seconds_per_image"],
                 "generate_speedup": other["generate_seconds_per_image"] / row["generate_seconds_per_image"],
+                "paired_generate_speedup": (statistics.median(other["paired_generate_speedups"])
+                                            if "paired_generate_speedups" in other and row["key"] == preset else None),
             })
     return out
 
@@ -200,6 +221,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="xar-b, DiT and SiT at batch 1, 2 timed steps, 1 run")
     parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS))
+    parser.add_argument("--modes", default=None,
+                        help="also time opt-in modes that change outputs: taper (fewer steps in later cells), interval "
+                             "(guidance interval); always timed at full step counts")
     parser.add_argument("--backends", default=None,
                         help="xar_infer backends to time, e.g. torch,triton (default: torch,triton on CUDA, torch on CPU)")
     parser.add_argument("--batch-sizes", default="1,8,64")
@@ -222,11 +246,13 @@ def main(argv=None) -> None:
     if args.max_steps is not None and args.max_steps < 2:
         parser.error("--max-steps must be at least 2 (the line needs two points)")
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    modes = [m for m in (args.modes or "").split(",") if m]
     backends = (args.backends or ("torch,triton" if args.device.startswith("cuda") else "torch")).split(",")
     contenders = []
     for name in args.contenders.split(","):
         # "xar-b" is the plain PyTorch path; "xar-b+triton" the same model on the Triton kernels.
         contenders += [name if b == "torch" else f"{name}+{b}" for b in backends] if name in XAR_PRESETS else [name]
+    contenders += [f"{name}@{mode}" for name in args.contenders.split(",") if name in XAR_PRESETS for mode in modes]
     if args.official_repo:
         contenders += [f"official-{c}" for c in args.contenders.split(",") if c in XAR_PRESETS]
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -247,7 +273,7 @@ def main(argv=None) -> None:
     report = {
         "machine": machine_info(args.device),
         "settings": {"device": args.device, "dtype": dtype, "batch_sizes": batches, "max_steps": args.max_steps,
-                     "repeats": args.repeats, "quick": args.quick, "contenders": contenders, "backends": backends,
+                     "repeats": args.repeats, "quick": args.quick, "contenders": contenders, "backends": backends, "modes": modes,
                      "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])])},
         "matmul_peak": peak,
         "rows": rows,

@@ -27,12 +27,26 @@ from flops import counted_flops, dit_xl2_flops_per_forward, xar_flops_per_image 
     XARConfig(dim=48, encoder_depth=2, decoder_depth=1, num_heads=3, mlp_hidden_dim=40, token_channels=4,
               grid_size=8, cell_size=4, num_classes=10),
 ])
-@pytest.mark.parametrize("steps, guidance", [(3, 2.0), (1, 1.0), (4, 1.0)])
+@pytest.mark.parametrize("steps, guidance", [(3, 2.0), (1, 1.0), (4, 1.0), (2, 3.0)])
 def test_xar_flop_formula_equals_the_counted_flops(config, steps, guidance):
     model = random_transformer(config)
     labels = torch.tensor([1])
     counted = counted_flops(lambda: generate_tokens(model, labels, steps, guidance, NoiseSource(None, 1, torch.device("cpu"))))
-    assert xar_flops_per_image(config, steps, guided=guidance > 1) == counted
+    assert xar_flops_per_image(config, steps, guidance) == counted
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_released_flop_formula_equals_the_counted_flops(monkeypatch, steps):
+    """The released sampler's work: our engine does it too when the modulation table is off and every
+    cell is guided (constant schedule), except that the released code also doubles the first cell."""
+    import xar_infer.sampling
+
+    config = XARConfig(dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_hidden_dim=48)
+    monkeypatch.setattr(xar_infer.sampling, "MODULATION_TABLE_BYTES", 0)
+    model, labels = random_transformer(config), torch.tensor([1])
+    counted = counted_flops(lambda: generate_tokens(model, labels, steps, 2.0, NoiseSource(None, 1, torch.device("cpu")),
+                                                    guidance_schedule="constant"))
+    assert xar_flops_per_image(config, steps, 2.0, released=True) == counted
 
 
 def test_dit_flop_formula_equals_the_counted_flops():

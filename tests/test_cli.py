@@ -210,6 +210,7 @@ EARLY_ERRORS = {
     "negative class id": (["--class", "-1"], ["negative"]),
     "zero steps": (["--steps", "0"], ["--steps", "positive"]),
     "negative steps": (["--steps", "-3"], ["--steps", "-3"]),
+    "zero steps in a cell": (["--steps", "3,0,2,1"], ["--steps", "positive"]),
     "cfg below 1": (["--cfg", "0.5"], ["--cfg", "0.5"]),
     "cfg nan": (["--cfg", "nan"], ["--cfg", "nan"]),
     "cfg inf": (["--cfg", "inf"], ["--cfg", "finite"]),
@@ -351,6 +352,9 @@ def test_preset_not_in_an_empty_offline_cache(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("argv", [
     ["--model", "xar-b", "--checkpoint", "x.pth"],
     ["--steps", "two"],
+    ["--steps", "3,x"],
+    ["--guidance-interval", "0.5"],
+    ["--guidance-interval", "0.8,0.2"],
     ["--sampler", "ddim"],
     ["--dtype", "fp8"],
 ])
@@ -421,3 +425,17 @@ def test_convert_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         convert_main([])
     assert exc.value.code == 2
+
+
+def test_fast_settings_reach_the_pipeline(tiny_checkpoint, tmp_path, capsys):
+    """--steps with one count per cell and --guidance-interval give what the pipeline gives."""
+    out = tmp_path / "lat"
+    code, _, err = run(capsys, generate_main, [
+        "--checkpoint", tiny_checkpoint, "--latents-only", "--class", "3", "--steps", "3,2,2,1", "--cfg", "2.5",
+        "--guidance-interval", "0.2,0.8", "--device", "cpu", "--quiet", "--output", out])
+    assert code == 0, err
+    pipe = XARPipeline.from_pretrained(tiny_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe([3], num_inference_steps=[3, 2, 2, 1], guidance_scale=2.5, guidance_interval=(0.2, 0.8),
+                    generator=[torch.Generator().manual_seed(0)], output_type="latent").images
+    assert torch.equal(load_file(out / "latents.safetensors")["latents"], expected)

@@ -74,6 +74,11 @@ def test_defaults_come_from_the_checkpoint(pipe):
     (dict(output_type="jpg"), "output_type must be one of"),
     (dict(sampler="ddim"), "sampler must be one of"),
     (dict(guidance_schedule="cosine"), "guidance_schedule must be one of"),
+    (dict(num_inference_steps=[3, 2]), "a list of 4 of them"),
+    (dict(num_inference_steps=[3, 2, 0, 1]), "a list of 4 of them"),
+    (dict(guidance_interval=(0.8, 0.2)), "guidance_interval must be"),
+    (dict(guidance_interval=(0.1, 1.5)), "guidance_interval must be"),
+    (dict(guidance_interval=0.5), "guidance_interval must be"),
 ])
 def test_bad_arguments(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -127,3 +132,15 @@ def test_reduced_precision_runs_close_to_fp32(tiny_checkpoint, dtype):
 def test_to_casts_the_transformer_and_keeps_rope_exact(tiny_checkpoint):
     pipe = XARPipeline.from_pretrained(tiny_checkpoint).to(dtype=torch.float16)
     assert pipe.dtype == torch.float16 and pipe.transformer.rope_cos.dtype == torch.float32
+
+
+def test_opt_in_fast_settings(pipe):
+    """A step count per cell and a guidance interval run through the pipeline (the sampler tests check
+    their results against the released loop)."""
+    pipe.set_progress_bar_config(disable=True)
+    base = _run(pipe, output_type="latent")
+    tapered = _run(pipe, output_type="latent", num_inference_steps=[3, 2, 2, 1])
+    interval = _run(pipe, output_type="latent", guidance_interval=(0.2, 0.8))
+    assert tapered.shape == base.shape and torch.isfinite(tapered).all()
+    assert (tapered - base).abs().max() > 1e-4 and (interval - base).abs().max() > 1e-4
+    assert torch.equal(base[..., :8, :8], tapered[..., :8, :8])  # cell 0 keeps its 3 steps

@@ -68,7 +68,9 @@ def test_each_cell_commits_the_previous_one_exactly_once(model64, sampler, steps
     cells = model64.config.num_cells
     assert len(recorder.calls) == cells * per_cell
     assert [i for i, (_, has_prefix) in enumerate(recorder.calls) if has_prefix] == [per_cell * s for s in range(1, cells)]
-    assert all(batch == 4 for batch, _ in recorder.calls)  # guidance doubles the batch
+    # Guidance doubles the batch, except in the first cell (scale 1 under the linear schedule), whose
+    # unconditional half would be discarded.
+    assert [batch for batch, _ in recorder.calls] == [2] * per_cell + [4] * (cells - 1) * per_cell
     assert torch.isfinite(latent).all() and latent.shape == (2, 16, 16, 16)
 
 
@@ -156,3 +158,82 @@ def test_latent_token_layout_round_trip():
     assert tokens[0, 1, 0] == latent[0, 0, 0, 1] and tokens[0, 4, 0] == latent[0, 0, 1, 0]
     assert tokens[0, 16, 0] == latent[0, 0, 0, 4] and tokens[0, 32, 0] == latent[0, 0, 4, 0]
     assert torch.equal(tokens_to_latent(tokens, 8, 4), latent)
+
+
+# ---- the engine against the released protocol, written plainly ------------------------------------
+
+def released_protocol(model, labels, steps_per_cell, scale, seeds, interval=(0.0, 1.0)):
+    """The released SDE sampler as a loop: every call on the doubled batch, the modulations computed
+    inside each call, guidance applied after the fact (only at times inside ``interval``)."""
+    from xar_infer.sampling import sde_drift, tokens_to_latent
+
+    config, B = model.config, len(labels)
+    noise = NoiseSource([torch.Generator().manual_seed(s) for s in seeds], B, torch.device("cpu"))
+    both = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    cache = model.new_cache(2 * B)
+    cells = []
+    for s, (n, cell_scale) in enumerate(zip(steps_per_cell, cell_guidance_scales(scale, config.num_cells))):
+        x = noise.randn((config.tokens_per_cell, config.token_channels), torch.float32).double()
+        grid = sde_time_grid(n)
+        for i in range(n):
+            t, dt = grid[i], grid[i + 1] - grid[i]
+            eps = None if i == n - 1 else noise.randn(x.shape[1:], x.dtype)
+            prefix = torch.cat([cells[-1]] * 2).double() if i == 0 and cells else None
+            v = model(torch.cat([x, x]), both, torch.full((2 * B,), float(t), dtype=torch.float64), cache, prefix=prefix)
+            cond, uncond = (sde_drift(half, x, t) for half in v.double().chunk(2))
+            drift = uncond + cell_scale * (cond - uncond) if cell_scale > 1 and interval[0] <= t <= interval[1] else cond
+            x = x + dt * drift if eps is None else x + drift * dt + torch.sqrt(2 * t) * (eps * torch.sqrt(dt.abs()))
+        cells.append(x.float())
+    return tokens_to_latent(torch.cat(cells, dim=1), config.grid_size, config.cell_size)
+
+
+def _engine(model, labels, steps, scale, seeds, **kwargs):
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return generate_tokens(model, torch.tensor(labels), steps, scale, NoiseSource(generators, len(labels), torch.device("cpu")), **kwargs)
+
+
+@pytest.mark.parametrize("table", [True, False])
+def test_engine_equals_the_released_protocol(model64, monkeypatch, table):
+    """Skipping the first cell's unconditional half and precomputing the modulations (or not: the
+    table is skipped above a size) change nothing: float64 agreement to rounding."""
+    import xar_infer.sampling
+
+    if not table:
+        monkeypatch.setattr(xar_infer.sampling, "MODULATION_TABLE_BYTES", 0)
+    reference = released_protocol(model64, torch.tensor([3, 4]), [3] * 4, 2.5, seeds=(1, 2))
+    assert (_engine(model64, [3, 4], 3, 2.5, seeds=(1, 2)) - reference).abs().max().item() < 1e-10
+
+
+def test_per_cell_step_counts(model64):
+    """Opt-in: one step count per cell. Each cell takes its own number of calls, the first of cells
+    1..3 caching the previous cell, and the result is the released loop run with those counts."""
+    recorder = CallRecorder(model64)
+    try:
+        latent = _engine(model64, [3, 4], [4, 3, 2, 1], 2.5, seeds=(1, 2))
+    finally:
+        recorder.handle.remove()
+    assert [i for i, (_, has_prefix) in enumerate(recorder.calls) if has_prefix] == [4, 7, 9]
+    assert len(recorder.calls) == 10
+    reference = released_protocol(model64, torch.tensor([3, 4]), [4, 3, 2, 1], 2.5, seeds=(1, 2))
+    assert (latent - reference).abs().max().item() < 1e-10
+    with pytest.raises(ValueError, match="a list of 4 of them"):
+        _engine(model64, [3], [4, 3], 2.5, seeds=(1,))
+
+
+def test_guidance_interval(model64):
+    """Opt-in: guidance only at flow times inside the interval; the other calls run the conditional
+    half alone, except a cell's first call, which caches the previous cell for both halves."""
+    interval = (0.3, 0.7)
+    recorder = CallRecorder(model64)
+    try:
+        latent = _engine(model64, [3, 4], 5, 2.5, seeds=(1, 2), guidance_interval=interval)
+    finally:
+        recorder.handle.remove()
+    times = sde_time_grid(5)[:5].tolist()  # 1.0, 0.76, 0.52, 0.28, 0.04: only 0.52 is inside
+    expected = [2] * 5 + [4 if (i == 0 or interval[0] <= t <= interval[1]) else 2 for i, t in enumerate(times)] * 3
+    assert [batch for batch, _ in recorder.calls] == expected
+    reference = released_protocol(model64, torch.tensor([3, 4]), [5] * 4, 2.5, seeds=(1, 2), interval=interval)
+    assert (latent - reference).abs().max().item() < 1e-10
+    full = _engine(model64, [3, 4], 5, 2.5, seeds=(1, 2), guidance_interval=(0.0, 1.0))
+    assert torch.equal(full, _engine(model64, [3, 4], 5, 2.5, seeds=(1, 2)))
+    assert (full - latent).abs().max().item() > 1e-3

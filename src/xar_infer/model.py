@@ -177,13 +177,22 @@ class Block(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(config.dim, 6 * config.dim))
         self.tokens_per_cell = config.tokens_per_cell
 
-    def forward(self, x: Tensor, cond: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, num_commit: int,
-                attention: AttentionFn) -> Tensor:
-        # cond [B, cells, D] -> six [B, tokens, D] modulations, in the released chunk order.
-        modulation = self.ada_lin(cond).repeat_interleave(self.tokens_per_cell, dim=1)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.chunk(6, dim=-1)
-        x = x + self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, cache, layer, num_commit, attention) * gamma1
-        x = x + self.mlp(self.norm2(x) * (1 + scale2) + shift2) * gamma2
+    def forward(self, x: Tensor, modulation: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
+                num_commit: int, attention: AttentionFn) -> Tensor:
+        """``modulation``: ``ada_lin`` of each cell's condition, [B, cells, 6 * dim]."""
+        B, N, D = x.shape
+        # Broadcast per cell (a view, [B, cells, 1, D]) rather than repeated per token.
+        per_cell = modulation.unsqueeze(2)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = per_cell.chunk(6, dim=-1)  # the released order
+
+        def modulate(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+            return (h.view(B, -1, self.tokens_per_cell, D) * (1 + scale) + shift).view(B, N, D)
+
+        def gate(h: Tensor, gamma: Tensor) -> Tensor:
+            return (h.view(B, -1, self.tokens_per_cell, D) * gamma).view(B, N, D)
+
+        x = x + gate(self.attn(modulate(self.norm1(x), scale1, shift1), cos, sin, cache, layer, num_commit, attention), gamma1)
+        x = x + gate(self.mlp(modulate(self.norm2(x), scale2, shift2)), gamma2)
         return x
 
 
@@ -231,8 +240,23 @@ class XARTransformer(nn.Module):
         weight = self.z_proj.weight
         return KVCache(self.config, batch_size, weight.dtype, weight.device)
 
+    @property
+    def blocks(self) -> list[Block]:
+        return [*self.encoder_blocks, *self.decoder_blocks]
+
+    def modulations(self, labels: Tensor, t: Tensor) -> list[Tensor]:
+        """Every block's adaLN modulation [B, k, 6 * dim] for class ``labels`` [B] at flow times ``t`` [B, k].
+
+        The condition is the class embedding plus the embedding of the quantised time. It depends on
+        nothing else, so a sampler can compute it for all its (label, time) pairs at once.
+        """
+        B = len(labels)
+        cond = self.time_embed(timestep_index(t.flatten())).view(B, -1, self.config.dim)
+        cond = cond + self.class_emb(labels)[:, None, :]
+        return [block.ada_lin(cond) for block in self.blocks]
+
     def forward(self, x: Tensor, labels: Tensor, t: Tensor, cache: KVCache, prefix: Tensor | None = None,
-                attention: AttentionFn = cached_attention) -> Tensor:
+                attention: AttentionFn = cached_attention, modulations: list[Tensor] | None = None) -> Tensor:
         """Velocity of the noisy cells ``x`` that follow the cache's finished cells (and ``prefix``).
 
         ``x``: [B, k * tokens_per_cell, token_channels], one cell when sampling, every cell when
@@ -241,7 +265,8 @@ class XARTransformer(nn.Module):
         finished cells not cached yet (the released sampler passes the previous cell); they run at t=0.
         The input attends block-causally (a cell sees itself and earlier cells); the keys and values of
         ``prefix`` are added to the cache, those of ``x`` are not. ``attention``: ``cached_attention`` or a
-        kernel with its contract (see ``xar_infer.backends``). Returns [B, k * tokens_per_cell, channels].
+        kernel with its contract (see ``xar_infer.backends``). ``modulations``: ``self.modulations(labels,
+        times of [prefix ; x] cells)`` if already computed. Returns [B, k * tokens_per_cell, channels].
         """
         T = self.config.tokens_per_cell
         start, num_noisy = cache.length, x.shape[1]
@@ -256,9 +281,8 @@ class XARTransformer(nn.Module):
         dtype = self.z_proj.weight.dtype
         x = x.to(dtype)
 
-        # One condition row per cell of the input: class embedding + embedding of its quantised time.
-        cond = self.time_embed(timestep_index(cell_times.flatten())).view(B, -1, self.config.dim)
-        cond = cond + self.class_emb(labels)[:, None, :]
+        if modulations is None:
+            modulations = self.modulations(labels, cell_times)
 
         cos, sin = self.rope_cos[start:start + N], self.rope_sin[start:start + N]
         num_commit = 0 if prefix is None else prefix.shape[1]
@@ -266,11 +290,11 @@ class XARTransformer(nn.Module):
         x = self.z_proj(x) + self.encoder_pos_embed_learned[:, start:start + N]
         x = self.z_proj_ln(x)
         for i, block in enumerate(self.encoder_blocks):
-            x = block(x, cond, cos, sin, cache, i, num_commit, attention)
+            x = block(x, modulations[i], cos, sin, cache, i, num_commit, attention)
         x = self.encoder_norm(x)
         x = self.decoder_embed(x) + self.decoder_pos_embed_learned[:, start:start + N]
         for i, block in enumerate(self.decoder_blocks, start=self.config.encoder_depth):
-            x = block(x, cond, cos, sin, cache, i, num_commit, attention)
+            x = block(x, modulations[i], cos, sin, cache, i, num_commit, attention)
         x = self.pred(self.decoder_norm(x))
 
         cache.length += num_commit

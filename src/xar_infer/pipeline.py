@@ -16,7 +16,7 @@ from .backends import resolve_backend
 from .imagenet import resolve_class_labels
 from .loading import load_pretrained
 from .model import XARTransformer
-from .sampling import GUIDANCE_SCHEDULES, SAMPLERS, NoiseSource, evaluations_per_cell, generate_tokens
+from .sampling import GUIDANCE_SCHEDULES, SAMPLERS, NoiseSource, cell_step_counts, evaluations_per_cell, generate_tokens
 from .vae import AutoencoderKLDecoder, load_vae
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -92,12 +92,18 @@ class XARPipeline:
         """Options for the tqdm progress bar, e.g. ``disable=True``."""
         self._progress_bar_config = dict(kwargs)
 
-    def _check_arguments(self, num_inference_steps, guidance_scale, output_type, sampler, guidance_schedule) -> None:
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    def _check_arguments(self, num_inference_steps, guidance_scale, output_type, sampler, guidance_schedule,
+                         guidance_interval) -> None:
+        cell_step_counts(num_inference_steps, self.transformer.config.num_cells)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
                 or not math.isfinite(guidance_scale) or guidance_scale < 1:
             raise ValueError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
+        if guidance_interval is not None and not (
+                isinstance(guidance_interval, (tuple, list)) and len(guidance_interval) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in guidance_interval)
+                and 0 <= guidance_interval[0] <= guidance_interval[1] <= 1):
+            raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1 (flow times; 1 is noise), "
+                             f"got {guidance_interval!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if sampler not in SAMPLERS:
@@ -110,9 +116,10 @@ class XARPipeline:
 
     @torch.inference_mode()
     def __call__(self, class_labels: int | str | Sequence[int | str] | torch.Tensor,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 num_inference_steps: int | Sequence[int] | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  output_type: str = "pil", sampler: str = "sde", guidance_schedule: str = "linear",
+                 guidance_interval: tuple[float, float] | None = None,
                  return_dict: bool = True) -> XARPipelineOutput | tuple:
         """Generate one image per class label.
 
@@ -122,20 +129,25 @@ class XARPipeline:
         one generator per image makes each image independent of the batch. ``sampler``: ``"sde"`` (the
         released sampler), ``"euler"`` or ``"heun"`` (deterministic ODE). ``guidance_schedule``:
         ``"linear"`` (released: no guidance on the first cell, full scale on the last) or ``"constant"``.
+
+        Faster opt-in settings that change the images (their effect on quality needs the real weights
+        to judge): ``num_inference_steps`` as a list with one count per cell, e.g. ``[40, 30, 21, 12]``
+        (later cells see more context), and ``guidance_interval=(lo, hi)``: guidance only at flow times
+        ``lo <= t <= hi`` (t = 1 is noise), which skips the unconditional half elsewhere.
         """
         steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
         scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        self._check_arguments(steps, scale, output_type, sampler, guidance_schedule)
+        self._check_arguments(steps, scale, output_type, sampler, guidance_schedule, guidance_interval)
         config = self.transformer.config
         labels = torch.tensor(resolve_class_labels(class_labels, config.num_classes), device=self.device)
         backend = resolve_backend(self.backend, self.device)
 
-        total = config.num_cells * evaluations_per_cell(sampler, steps)
+        total = sum(evaluations_per_cell(sampler, n) for n in cell_step_counts(steps, config.num_cells))
         with tqdm(**{"total": total, "unit": "eval", **self._progress_bar_config}) as progress:
             latent = generate_tokens(
                 self.transformer, labels, steps, scale, NoiseSource(generator, len(labels), self.device),
                 sampler=sampler, guidance_schedule=guidance_schedule, on_evaluation=lambda: progress.update(1),
-                backend=backend,
+                backend=backend, guidance_interval=None if guidance_interval is None else tuple(guidance_interval),
             )
 
         if output_type == "latent":

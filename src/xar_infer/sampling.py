@@ -159,6 +159,15 @@ def evaluations_per_cell(sampler: str, num_steps: int) -> int:
     return 2 * num_steps - 1 if sampler == "heun" else num_steps
 
 
+def cell_step_counts(num_steps: int | Sequence[int], num_cells: int) -> list[int]:
+    """Steps of each cell: one count for all, or one per cell."""
+    counts = list(num_steps) if isinstance(num_steps, (list, tuple)) else [num_steps] * num_cells
+    if len(counts) != num_cells or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+        raise ValueError(f"num_inference_steps must be a positive integer or a list of {num_cells} of them "
+                         f"(one per cell), got {num_steps!r}")
+    return counts
+
+
 def tokens_to_latent(tokens: Tensor, grid_size: int, cell_size: int) -> Tensor:
     """[B, seq_len, c] tokens in cell order -> [B, c, grid, grid] latent."""
     B, _, c = tokens.shape
@@ -173,25 +182,72 @@ def latent_to_tokens(latent: Tensor, cell_size: int) -> Tensor:
     return latent.reshape(B, c, n, cell_size, n, cell_size).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, c)
 
 
+def evaluation_times(sampler: str, num_steps: int) -> list[float]:
+    """The flow times at which ``sampler`` evaluates the network; every cell uses the same ones."""
+    if sampler == "sde":
+        return sde_time_grid(num_steps)[:num_steps].tolist()
+    grid = ode_time_grid(num_steps)
+    return grid[:num_steps].tolist() + (grid[1:num_steps].tolist() if sampler == "heun" else [])
+
+
+# Above this size the modulations are computed per network call instead of all at once (at batch
+# sizes that reach it, the per-call matmul is already efficient and a small part of the work).
+MODULATION_TABLE_BYTES = 256 * 2**20
+
+
+class ModulationTable:
+    """Every block's adaLN modulation for each (row, time) a generation call will evaluate.
+
+    The modulation depends only on the class and the quantised time, and the same few dozen times
+    recur in every cell, so one batched matmul per block up front replaces re-reading the ``ada_lin``
+    weights (a third of the model) at each of the hundreds of network calls.
+    """
+
+    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float]):
+        self.index = {t: i for i, t in enumerate(times)}
+        grid = torch.tensor(list(times), dtype=torch.float64, device=labels.device)
+        self.per_block = model.modulations(labels, grid[None].expand(len(labels), -1))
+
+    @staticmethod
+    def nbytes(model: XARTransformer, rows: int, num_times: int) -> int:
+        c = model.config
+        return c.num_layers * rows * num_times * 6 * c.dim * model.z_proj.weight.element_size()
+
+    def lookup(self, rows: int, times: Sequence[float]) -> list[Tensor]:
+        """Per block, [rows, len(times), 6 * dim] for the first ``rows`` labels."""
+        if len(times) == 1:
+            i = self.index[times[0]]
+            return [m[:rows, i:i + 1] for m in self.per_block]
+        index = [self.index[t] for t in times]
+        return [m[:rows, index] for m in self.per_block]
+
+
 @torch.no_grad()
 def generate_tokens(
     model: XARTransformer,
     labels: Tensor,
-    num_steps: int,
+    num_steps: int | Sequence[int],
     guidance_scale: float,
     noise: NoiseSource,
     sampler: str = "sde",
     guidance_schedule: str = "linear",
     on_evaluation: Callable[[], None] | None = None,
     backend: "Backend | None" = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> Tensor:
     """Generate the latent [B, c, grid, grid] (model scale, not yet divided by ``latent_scale``).
 
     Cells are generated in order. Every network call of a cell sees the finished cells through one KV
     cache made for this call; the first call of each cell also runs the previous cell, clean at t=0,
-    and caches it. With guidance the batch is doubled (conditional rows first, null class after) on
-    every call, as in the released sampler. ``backend``: the attention and step implementations
-    (``xar_infer.backends``; PyTorch when None).
+    and caches it. With guidance the batch is doubled (conditional rows first, null class after), as
+    in the released sampler, except where the unconditional half would be thrown away: the calls of
+    a cell with scale <= 1 (the first cell under the linear schedule) run the conditional rows only,
+    unless they must cache the previous cell for both halves. ``backend``: the attention and step
+    implementations (``xar_infer.backends``; PyTorch when None).
+
+    Two opt-in settings change the output (the released sampler has neither): ``num_steps`` as one
+    count per cell (later cells, with more context, can take fewer steps), and ``guidance_interval``
+    ``(lo, hi)``: guidance only at flow times ``lo <= t <= hi``, the conditional rows alone elsewhere.
     """
     if backend is None:
         from .backends import TORCH as backend
@@ -199,31 +255,46 @@ def generate_tokens(
     if sampler not in CELL_SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     scales = cell_guidance_scales(guidance_scale, config.num_cells, guidance_schedule)
+    steps_per_cell = cell_step_counts(num_steps, config.num_cells)
     guided = any(s > 1.0 for s in scales)
+    lo, hi = guidance_interval if guidance_interval is not None else (0.0, 1.0)
     batch_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
     cache = model.new_cache(len(batch_labels))
     dtype = model.z_proj.weight.dtype
     # float64 like the released sampler; MPS has no float64.
     state_dtype = torch.float32 if labels.device.type == "mps" else torch.float64
     cell_shape = (config.tokens_per_cell, config.token_channels)
+    # 0: the previous cell, run clean.
+    times = sorted({0.0, *(t for n in set(steps_per_cell) for t in evaluation_times(sampler, n))})
+    table = None
+    if ModulationTable.nbytes(model, len(batch_labels), len(times)) <= MODULATION_TABLE_BYTES:
+        table = ModulationTable(model, batch_labels, times)
 
     cells: list[Tensor] = []
-    for scale in scales:
-        prefix = cells[-1].to(dtype) if cells else None
-        if prefix is not None and guided:
-            prefix = torch.cat([prefix, prefix])
+    B = len(labels)
+    def step(rule: str, x: Tensor, v: Tensor, times: Tensor, i: int, scales: Tensor | None, **kwargs):
+        # An unguided call returns the conditional rows only.
+        return backend.flow_step(rule, x, v, times, i, scales if len(v) > len(x) else None, **kwargs)
 
-        def velocity(x: Tensor, t: float, first: bool, prefix=prefix) -> Tensor:
-            inputs = torch.cat([x, x]) if guided else x
-            times = torch.full((len(inputs),), t, dtype=x.dtype, device=x.device)
-            v = model(inputs.to(dtype), batch_labels, times, cache, prefix=prefix if first else None,
-                      attention=backend.attention)
+    for scale, cell_steps in zip(scales, steps_per_cell):
+        prefix = cells[-1].to(dtype) if cells else None
+
+        def velocity(x: Tensor, t: float, first: bool, prefix=prefix, scale=scale) -> Tensor:
+            with_prefix = first and prefix is not None
+            guide = scale > 1.0 and lo <= t <= hi
+            # Both halves run to guide, or to cache the previous cell for later guided calls.
+            rows = 2 * B if guide or (guided and with_prefix) else B
+            inputs = torch.cat([x, x]) if rows > B else x
+            call_times = [0.0, t] if with_prefix else [t]
+            v = model(inputs.to(dtype), batch_labels[:rows], torch.full((rows,), t, dtype=x.dtype, device=x.device),
+                      cache, prefix=(torch.cat([prefix] * (rows // B)) if with_prefix else None),
+                      attention=backend.attention, modulations=None if table is None else table.lookup(rows, call_times))
             if on_evaluation is not None:
                 on_evaluation()
-            return v
+            return v if guide else v[:B]
 
-        row_scales = torch.full((len(labels),), scale, dtype=state_dtype, device=labels.device) if guided else None
+        row_scales = torch.full((B,), scale, dtype=state_dtype, device=labels.device)
         x = noise.randn(cell_shape, torch.float32).to(state_dtype)
-        x = CELL_SAMPLERS[sampler](velocity, x, num_steps, row_scales, noise, backend.flow_step)
+        x = CELL_SAMPLERS[sampler](velocity, x, cell_steps, row_scales, noise, step)
         cells.append(x.float())
     return tokens_to_latent(torch.cat(cells, dim=1), config.grid_size, config.cell_size)
