@@ -110,6 +110,41 @@ def test_arbitrary_objects_are_not_unpickled(tmp_path, tiny_model):
         load_local(_save(tmp_path, state))
 
 
+class CreatesFile:
+    """Unpickling this calls open(path, "w"): a file appears if the loader ever runs pickled code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, tiny_model, tiny_vae_checkpoint):
+    from xar_infer import load_vae
+
+    marker = tmp_path / "pwned"
+    state = {**released_state_dict(tiny_model), "payload": CreatesFile(str(marker))}
+    path = _save(tmp_path, state)
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_local(path)
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_vae(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the trap is real: full unpickling would have created the file
+    assert marker.exists()
+
+
+def test_sha256_is_checked_before_loading(tmp_path, tiny_checkpoint):
+    import hashlib
+
+    digest = hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    assert load_pretrained(tiny_checkpoint, sha256=digest.upper()).model is not None
+    wrong = "0" * 64
+    with pytest.raises(CheckpointError, match=f"{tiny_checkpoint.name}: SHA-256 is {digest}, expected {wrong}"):
+        XARPipeline.from_pretrained(tiny_checkpoint, sha256=wrong)
+
+
 def test_not_an_xar_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="is this an xAR checkpoint"):
         load_local(_save(tmp_path, {"weight": torch.zeros(3)}))

@@ -3,6 +3,7 @@ through `torch.load(weights_only=True)`, never full unpickling."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -44,6 +45,17 @@ def read_state_dict(path: str | os.PathLike, nested_key: str | None = None) -> d
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a flat state dict of tensors")
     return obj
+
+
+def verify_sha256(path: str | os.PathLike, expected: str) -> None:
+    """Raise unless the SHA-256 digest of ``path`` is ``expected`` (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected.strip().lower():
+        raise CheckpointError(f"{path}: SHA-256 is {digest.hexdigest()}, expected {expected}; the file is corrupted or "
+                              "not the one meant: delete it and download it again")
 
 
 def write_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError
@@ -28,7 +30,8 @@ from .backends import BACKENDS, resolve_backend
 from .config import PRESETS, find_preset
 from .imagenet import IMAGENET_NUM_CLASSES, class_name, resolve_class_label
 from .loading import CONFIG_NAME, WEIGHTS_NAME, convert_checkpoint
-from .pipeline import XARPipeline
+from .fid import SampleSet, fid_labels, labels_digest, pending_batches, read_labels_file
+from .pipeline import XARPipeline, to_uint8
 from .sampling import GUIDANCE_SCHEDULES, SAMPLERS
 from .vae import load_vae
 
@@ -90,6 +93,13 @@ def _run(prog: str, action: Callable[[], None]) -> int:
     return 0
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors as one line too (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def check_targets(paths: Sequence[Path], overwrite: bool) -> None:
     """Refuse to replace existing files unless ``overwrite``; never replace a directory."""
     for path in paths:
@@ -123,7 +133,7 @@ def prepare_outputs(paths: Sequence[Path], overwrite: bool) -> None:
 # --------------------------------------------------------------------------------------------------
 
 def build_generate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog=GENERATE_PROG,
         description="Generate ImageNet class-conditional images with an xAR model.",
         epilog=f"example: {GENERATE_PROG} --vae kl16.ckpt --class 'golden retriever' --class 88 "
@@ -162,6 +172,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
     model.add_argument("--revision", help="Hub revision of the --model weights")
     model.add_argument("--cache-dir", metavar="DIR", help="Hugging Face cache directory for --model")
     model.add_argument("--local-files-only", action="store_true", help="do not download; use the Hub cache only")
+    model.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the transformer's weights file (checked before loading)")
     model.add_argument("--vae", metavar="PATH", help="MAR's KL-16 VAE (kl16.ckpt), needed to decode images")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda if available, else cpu)")
@@ -177,6 +188,16 @@ def build_generate_parser() -> argparse.ArgumentParser:
     output.add_argument("--upscale", type=int, default=1, metavar="K",
                         help="save images K times larger, nearest neighbour (e.g. 8 for the 8x8 digits)")
     output.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    fid = parser.add_argument_group("FID sample sets (resumable; split over processes under torchrun)")
+    fid.add_argument("--npz", metavar="FILE",
+                     help="write all images into one .npz (arr_0: uint8 [N, H, W, C]) instead of PNG files; "
+                          "rerun the same command to resume an interrupted run")
+    fid_labels_group = fid.add_mutually_exclusive_group()
+    fid_labels_group.add_argument("--fid-labels", action="store_true",
+                                  help="the released evaluation labels: each class NUM_IMAGES / classes times, in "
+                                       "class order (default --num-images: 50 per class)")
+    fid_labels_group.add_argument("--labels-file", metavar="FILE", help="class ids, from a .npy array or a text file")
     output.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
 
@@ -204,8 +225,10 @@ def time_interval(text: str) -> tuple[float, float]:
 def validate_generate_args(args: argparse.Namespace) -> None:
     """Fill in the defaults that depend on other options; check what needs neither the model nor
     more of the file system than whether the input files exist."""
+    check_sample_set_args(args)
     if not args.classes:
         args.classes = [DEFAULT_CLASS]
+    args.num_images_given = args.num_images is not None
     if args.num_images is None:
         args.num_images = len(args.classes)
     if args.num_images < 1:
@@ -216,6 +239,8 @@ def validate_generate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--steps must be positive, got {args.steps}")
     if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 1):
         raise ValueError(f"--cfg must be a finite number >= 1 (1 turns guidance off), got {args.cfg}")
+    if args.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
+        raise ValueError(f"--sha256 must be 64 hexadecimal digits, got {args.sha256!r}")
     if args.seed < 0 or args.seed + args.num_images - 1 > MAX_SEED:
         raise ValueError(f"--seed must be between 0 and {MAX_SEED - args.num_images + 1} for "
                          f"{args.num_images} image(s), got {args.seed}")
@@ -318,9 +343,9 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> XARPipeline
     if args.checkpoint is not None:
         # Absolute, so that a relative path spelled like a preset or a Hub repo id stays a local path.
         return XARPipeline.from_pretrained(Path(args.checkpoint).absolute(), vae=vae, dtype=DTYPES[args.dtype],
-                                           device=device, backend=args.backend)
+                                           device=device, backend=args.backend, sha256=args.sha256)
     return XARPipeline.from_pretrained(args.model or DEFAULT_MODEL, vae=vae, dtype=DTYPES[args.dtype], device=device,
-                                       backend=args.backend, revision=args.revision, cache_dir=args.cache_dir,
+                                       backend=args.backend, sha256=args.sha256, revision=args.revision, cache_dir=args.cache_dir,
                                        local_files_only=args.local_files_only)
 
 
@@ -338,6 +363,8 @@ def make_grid(images: Sequence[Image.Image]) -> Image.Image:
 def generate(args: argparse.Namespace) -> None:
     """The whole xar-generate run, after argument parsing."""
     validate_generate_args(args)
+    if args.npz is not None:
+        return generate_sample_set(args)
     device = check_device(args.device)
     resolve_backend(args.backend, device)
     preset = None if args.checkpoint is not None else find_preset(args.model or DEFAULT_MODEL)
@@ -367,6 +394,97 @@ def generate(args: argparse.Namespace) -> None:
         grid = f" and a grid to {args.grid}" if args.grid is not None else ""
         print(f"wrote {what}{grid} ({steps} steps, cfg {cfg:g}, {args.sampler} sampler; "
               f"{time.perf_counter() - started:.1f} s)")
+
+
+def check_sample_set_args(args: argparse.Namespace) -> None:
+    if args.npz is None:
+        if args.fid_labels or args.labels_file:
+            raise ValueError("--fid-labels and --labels-file choose the labels of an --npz sample set; add --npz FILE")
+        return
+    if Path(args.npz).suffix != ".npz":
+        raise ValueError(f"--npz must name a .npz file, got {args.npz}")
+    if args.latents_only or args.grid is not None or args.upscale != 1:
+        raise ValueError("--npz writes the images themselves; it cannot be combined with --latents-only, --grid or --upscale")
+    if args.classes and (args.fid_labels or args.labels_file):
+        raise ValueError("--class cannot be combined with --fid-labels or --labels-file")
+    check_targets([Path(args.npz)], args.overwrite)
+    ensure_writable_dir(Path(args.npz).absolute().parent)
+
+
+def sample_set_labels(args: argparse.Namespace, num_classes: int) -> np.ndarray:
+    if args.labels_file is not None:
+        labels = read_labels_file(args.labels_file, num_classes)
+        if args.num_images_given and args.num_images != len(labels):
+            raise ValueError(f"--num-images {args.num_images} does not match the {len(labels)} labels of {args.labels_file}")
+        return labels
+    if args.fid_labels:
+        return fid_labels(args.num_images if args.num_images_given else 50 * num_classes, num_classes)
+    classes = resolve_classes(args.classes, num_classes)
+    return np.array([classes[i % len(classes)] for i in range(args.num_images)], dtype=np.int64)
+
+
+def generate_sample_set(args: argparse.Namespace) -> None:
+    """``--npz``: every image into one .npz, through resumable shards; under torchrun each process
+    takes every world_size-th batch and process 0 assembles the file."""
+    import torch.distributed as dist
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = check_device(args.device)
+    if distributed:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    try:
+        resolve_backend(args.backend, device)
+        pipe = load_pipeline(args, device)
+        check_vae_choice(args, pipe.transformer.config.pixel_space)
+        labels = sample_set_labels(args, pipe.transformer.config.num_classes)
+        steps = args.steps if args.steps is not None else pipe.default_num_inference_steps
+        cfg = args.cfg if args.cfg is not None else pipe.default_guidance_scale
+        settings = {
+            "format": 1, "num_images": len(labels), "labels_sha256": labels_digest(labels), "seed": args.seed,
+            "model": str(Path(args.checkpoint).absolute()) if args.checkpoint else args.model or DEFAULT_MODEL,
+            "revision": args.revision, "vae": str(Path(args.vae).absolute()) if args.vae else None,
+            "dtype": args.dtype, "num_inference_steps": steps, "guidance_scale": cfg, "sampler": args.sampler,
+            "guidance_schedule": args.guidance_schedule, "guidance_interval": args.guidance_interval,
+        }
+        samples = SampleSet(args.npz, settings)
+        # Process 0 prepares the work directory; a failure there must stop every process, not hang them.
+        problem = [None]
+        if rank == 0:
+            try:
+                samples.prepare(args.overwrite)
+            except USER_ERRORS as exc:
+                problem = [f"{type(exc).__name__}: {exc}"]
+        if distributed:
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise ValueError(problem[0].split(": ", 1)[1])
+
+        done = samples.finished()
+        batches = pending_batches(done, args.batch_size)
+        if rank == 0 and not args.quiet and done.any():
+            print(f"resuming {args.npz}: {int(done.sum())} of {len(done)} images already done")
+        mine = batches[rank::world_size]
+        for number, batch in enumerate(mine, 1):
+            pipe.set_progress_bar_config(disable=args.quiet, desc=f"[{rank}] batch {number}/{len(mine)}", leave=False)
+            generators = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in batch]
+            images = pipe(labels[batch.start:batch.stop].tolist(), num_inference_steps=steps, guidance_scale=cfg,
+                          generator=generators, output_type="pt", sampler=args.sampler,
+                          guidance_schedule=args.guidance_schedule, guidance_interval=args.guidance_interval).images
+            samples.write(batch.start, to_uint8(images))
+        if distributed:
+            dist.barrier()
+        if rank == 0:
+            samples.assemble()
+            if not args.quiet:
+                print(f"wrote {len(labels)} images to {args.npz}")
+    finally:
+        if distributed:
+            dist.destroy_process_group()
 
 
 def run_batches(pipe: XARPipeline, args: argparse.Namespace, image_ids: Sequence[int], steps: int, cfg: float,
@@ -423,7 +541,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------------
 
 def build_convert_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog=CONVERT_PROG,
         description=f"Convert a released xAR .pth checkpoint into a directory with {WEIGHTS_NAME} and "
                     f"{CONFIG_NAME}, loadable with xar-generate --checkpoint DIR.",

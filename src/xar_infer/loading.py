@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .checkpoint_io import CheckpointError, load_strict, read_state_dict, write_safetensors
+from .checkpoint_io import CheckpointError, load_strict, read_state_dict, verify_sha256, write_safetensors
 from .config import (
     FALLBACK_GUIDANCE_SCALE,
     FALLBACK_NUM_INFERENCE_STEPS,
@@ -142,9 +142,10 @@ def _read_config_json(path: Path) -> tuple[XARConfig, int | None, float | None]:
 
 
 def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> LoadedModel:
+               device: torch.device | str = "cpu", sha256: str | None = None) -> LoadedModel:
     """Load a released ``.pth``, a ``.safetensors`` file (config from ``config.json`` beside it or
-    from the shapes), or a directory written by :func:`convert_checkpoint`."""
+    from the shapes), or a directory written by :func:`convert_checkpoint`. ``sha256``: the expected
+    digest of the weights file, checked before it is read."""
     path = Path(path)
     weights, config_file = path, None
     if path.is_dir():
@@ -156,6 +157,8 @@ def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         if not config_file.is_file():
             raise CheckpointError(f"{path} has no {CONFIG_NAME}; a model directory needs {WEIGHTS_NAME} and {CONFIG_NAME}")
         config, steps, scale = _read_config_json(config_file)
+    if sha256 is not None:
+        verify_sha256(weights, sha256)
     model = build_model(read_state_dict(weights), str(weights), config, dtype=dtype, device=device)
     default_steps, default_scale = _defaults_for(model.config)
     return LoadedModel(model, steps or default_steps, scale or default_scale, str(weights))
@@ -183,25 +186,26 @@ def hub_download(repo_id: str, filename: str, *, revision: str | None = None, ca
 
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", revision: str | None = None,
-                    cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> LoadedModel:
+                    cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                    sha256: str | None = None) -> LoadedModel:
     """Resolve a local path, a preset name (``xar-b`` from the Hub, ``xar-digits`` shipped with the
-    package), or a Hub repo id in our format, and load it."""
+    package), or a Hub repo id in our format, and load it (checking the weights' ``sha256`` if given)."""
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     if Path(name_or_path).exists():  # a local file wins over a preset or repo id of the same name
-        return load_local(name_or_path, dtype=dtype, device=device)
+        return load_local(name_or_path, dtype=dtype, device=device, sha256=sha256)
     preset = find_preset(str(name_or_path))
     if preset is not None:
         if preset.bundled_dir is not None:
             path = Path(str(files("xar_infer") / "data" / preset.bundled_dir))
         else:
             path = hub_download(preset.hub_repo_id, preset.hub_filename, **hub)
-        loaded = load_local(path, dtype=dtype, device=device)
+        loaded = load_local(path, dtype=dtype, device=device, sha256=sha256)
         return LoadedModel(loaded.model, preset.num_inference_steps, preset.guidance_scale, loaded.source)
     name = str(name_or_path)
     if name.count("/") == 1 and not name.endswith(CHECKPOINT_SUFFIXES):
         config_path = hub_download(name, CONFIG_NAME, **hub)
         hub_download(name, WEIGHTS_NAME, **hub)
-        return load_local(config_path.parent, dtype=dtype, device=device)
+        return load_local(config_path.parent, dtype=dtype, device=device, sha256=sha256)
     raise CheckpointError(f"{name!r} is not a preset ({', '.join(PRESETS)}), an existing file or directory, "
                           "or a Hub repo id (owner/name)")
 

@@ -54,7 +54,7 @@ class XARPipeline:
     def from_pretrained(cls, name_or_path: str | os.PathLike, vae: str | os.PathLike | AutoencoderKLDecoder | None = None, *,
                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                        local_files_only: bool = False, backend: str = "auto") -> "XARPipeline":
+                        local_files_only: bool = False, backend: str = "auto", sha256: str | None = None) -> "XARPipeline":
         """Load a transformer and, optionally, the VAE.
 
         ``name_or_path``: a preset (``"xar-b"``, ``"xar-l"``, ``"xar-h"``: the released weights from the
@@ -65,9 +65,10 @@ class XARPipeline:
         The VAE stays fp32 unless you pass a decoder in another dtype. ``backend``: ``"auto"`` (the
         fused Triton kernels on CUDA when triton is installed, PyTorch otherwise), ``"torch"`` or
         ``"triton"``; it is resolved for the pipeline's device at each call, so ``.to("cuda")`` works.
+        ``sha256``: the expected digest of the transformer's weights file (downloaded or local).
         """
         loaded = load_pretrained(name_or_path, dtype=dtype, device=device, revision=revision,
-                                 cache_dir=cache_dir, local_files_only=local_files_only)
+                                 cache_dir=cache_dir, local_files_only=local_files_only, sha256=sha256)
         if vae is not None and not isinstance(vae, AutoencoderKLDecoder):
             vae = load_vae(vae, device=device)
         return cls(loaded.model, vae, num_inference_steps=loaded.num_inference_steps,
@@ -150,10 +151,13 @@ class XARPipeline:
                 backend=backend, guidance_interval=None if guidance_interval is None else tuple(guidance_interval),
             )
 
+        check_finite(latent, "latents", self.dtype)
         if output_type == "latent":
             images = latent
         else:
-            images = ((self.decode(latent) + 1) / 2).clamp(0, 1).cpu()
+            decoded = self.decode(latent)
+            check_finite(decoded, "decoded images", next(self.vae.parameters()).dtype if self.vae is not None else self.dtype)
+            images = ((decoded + 1) / 2).clamp(0, 1).cpu()
             if output_type == "np":
                 images = images.permute(0, 2, 3, 1).numpy()
             elif output_type == "pil":
@@ -168,7 +172,24 @@ class XARPipeline:
         return self.vae.decode(x.to(next(self.vae.parameters()).dtype)).float()
 
 
+class NumericalError(RuntimeError):
+    """Generation overflowed or produced NaN (typically fp16 weights)."""
+
+
+def check_finite(values: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """Refuse to return inf/NaN, which would silently become black or saturated images."""
+    if not torch.isfinite(values).all():
+        bad = (~torch.isfinite(values)).flatten(1).any(1).nonzero().flatten().tolist()
+        advice = ("use dtype=torch.bfloat16 (same speed, fp32's range) or torch.float32"
+                  if dtype == torch.float16 else "check the weights; try dtype=torch.float32")
+        raise NumericalError(f"the {what} of image(s) {bad} hold inf or NaN, computed in {str(dtype).removeprefix('torch.')}; {advice}")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, C, H, W] in [0, 1] -> uint8 [B, H, W, C], rounded to the nearest level as the released evaluation does."""
+    return (images * 255).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [0, 1] -> PIL images, rounded to the nearest level as the released evaluation does."""
-    pixels = (images * 255).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+    """[B, C, H, W] in [0, 1] -> PIL images (grayscale for one channel)."""
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in to_uint8(images)]

@@ -159,12 +159,19 @@ def evaluations_per_cell(sampler: str, num_steps: int) -> int:
     return 2 * num_steps - 1 if sampler == "heun" else num_steps
 
 
+# The network sees time quantised to 1000 levels: more steps per cell cannot resolve anything finer.
+MAX_STEPS = 1000
+
+
 def cell_step_counts(num_steps: int | Sequence[int], num_cells: int) -> list[int]:
     """Steps of each cell: one count for all, or one per cell."""
     counts = list(num_steps) if isinstance(num_steps, (list, tuple)) else [num_steps] * num_cells
     if len(counts) != num_cells or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
         raise ValueError(f"num_inference_steps must be a positive integer or a list of {num_cells} of them "
                          f"(one per cell), got {num_steps!r}")
+    if max(counts) > MAX_STEPS:
+        raise ValueError(f"num_inference_steps must be at most {MAX_STEPS} per cell (the network resolves time in "
+                         f"{MAX_STEPS} levels), got {num_steps!r}")
     return counts
 
 
