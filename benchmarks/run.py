@@ -72,24 +72,30 @@ def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 5) -> dict:
 
 # ---- one measurement, in its own process ----------------------------------------------------------
 
-def make_contender(name: str, device: str, dtype: torch.dtype, official_repo: str | None):
+def make_contender(name: str, device: str, dtype: torch.dtype, official_repo: str | None, paired: bool):
+    """The contender, and the plain xar_infer contender it is also timed against back to back (its
+    xAR preset in exact mode; xar-b for DiT and SiT), or None."""
     from contenders import DiTContender, OfficialXARContender, SiTContender, XARContender
 
     name, _, mode = name.partition("@")  # "xar-b+triton@taper": preset, backend, mode
     preset, _, backend = name.partition("+")
     if preset in XAR_PRESETS:
-        return XARContender(preset, device, dtype, backend or "torch", mode or "exact"), None
+        variant = bool(backend or mode)
+        partner = XARContender(preset, device, dtype) if variant and paired else None
+        return XARContender(preset, device, dtype, backend or "torch", mode or "exact"), partner
     if name.startswith("official-"):
         reference = XARContender(name.removeprefix("official-"), device, dtype)
         return OfficialXARContender(official_repo, name.removeprefix("official-"), reference), reference
-    return {"dit": DiTContender, "sit": SiTContender}[name](device, dtype), None
+    return {"dit": DiTContender, "sit": SiTContender}[name](device, dtype), XARContender("xar-b", device, dtype) if paired else None
 
 
 def measure(spec: dict) -> dict:
     device, dtype = spec["device"], DTYPES[spec["dtype"]]
     torch.manual_seed(0)
     with torch.inference_mode():
-        contender, reference = make_contender(spec["contender"], device, dtype, spec.get("official_repo"))
+        contender, partner = make_contender(spec["contender"], device, dtype, spec.get("official_repo"),
+                                            spec.get("paired_rounds", 0) > 0)
+        official = spec["contender"].startswith("official-")
         batch, nominal, repeats = spec["batch"], contender.nominal_steps, spec["repeats"]
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -122,10 +128,18 @@ def measure(spec: dict) -> dict:
             "generate_flops_per_image": contender.flops_per_image(nominal),
             "decode_flops_per_image": contender.decode_flops_per_image(),
         }
-        if reference is not None:  # the official code against ours: same weights, seed and steps
-            ours = reference.generate(batch, timed_steps)
+        if official:  # the official code against ours: same weights, seed and steps
+            ours = partner.generate(batch, timed_steps)
             result["max_abs_diff_vs_xar_infer"] = (latents.float() - ours.float()).abs().max().item()
-            result["paired_generate_speedups"] = paired_speedups(reference, contender, batch, nominal, timed_steps, repeats, device)
+        if partner is not None and spec.get("paired_rounds", 0) > 0:
+            # Which one is xar_infer's side: the plain path against a rival, a variant against the plain path.
+            xar, rival = (contender, partner) if "@" in spec["contender"] or "+" in spec["contender"] else (partner, contender)
+            result["paired"] = {
+                "xar_infer": xar.name, "versus": rival.name,
+                "generate_speedups": [round_seconds(rival, batch, spec["max_steps"], device)
+                                      / round_seconds(xar, batch, spec["max_steps"], device)
+                                      for _ in range(spec["paired_rounds"])],
+            }
     if device.startswith("cuda"):
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         result["peak_memory_kind"] = "CUDA allocated"
@@ -135,20 +149,20 @@ def measure(spec: dict) -> dict:
     return result
 
 
-def paired_speedups(ours, theirs, batch: int, nominal: int, timed_steps: int, repeats: int, device: str) -> list[float]:
-    """Generate-time ratios theirs / ours, each from one round that times both back to back (on the
-    same steps, extrapolated the same way). A shared machine's speed drifts between contenders timed
-    minutes apart; within a round it barely does, so the median of these is the comparison to trust."""
-    low = theirs.min_steps
-
-    def seconds(contender) -> float:
-        if timed_steps >= nominal:
-            return timed(lambda: contender.generate(batch, nominal), device)[0]
-        t_low = timed(lambda: contender.generate(batch, low), device)[0]
-        t_high = timed(lambda: contender.generate(batch, timed_steps), device)[0]
-        return t_low + (nominal - low) / (timed_steps - low) * (t_high - t_low)
-
-    return [seconds(theirs) / seconds(ours) for _ in range(repeats)]
+def round_seconds(contender, batch: int, max_steps: int | None, device: str) -> float:
+    """One timing of ``contender``'s generation at its nominal steps, extrapolated as in ``measure``
+    (no repeats: paired rounds alternate contenders so that both see the machine at the same speed;
+    a shared machine's speed drifts by tens of percent between contenders timed minutes apart)."""
+    nominal, low = contender.nominal_steps, contender.min_steps
+    short = min(max_steps or nominal, nominal)
+    if short >= nominal or not contender.extrapolable:
+        return timed(lambda: contender.generate(batch, nominal), device)[0]
+    if contender.uniform_steps:
+        return timed(lambda: contender.generate(batch, short), device)[0] * nominal / short
+    high = max(short, low + 1)
+    t_low = timed(lambda: contender.generate(batch, low), device)[0]
+    t_high = timed(lambda: contender.generate(batch, high), device)[0]
+    return t_low + (nominal - low) / (high - low) * (t_high - t_low)
 
 
 def run_in_subprocess(spec: dict) -> dict:
@@ -198,6 +212,15 @@ def add_derived_figures(row: dict, peak: float) -> None:
     row["end_to_end_fraction_of_peak"] = row["end_to_end_flops_per_s"] / peak
 
 
+def paired_median(row: dict, other: dict) -> float | None:
+    """Median back-to-back speedup of xar_infer's ``row`` over ``other``, if that pair was timed so."""
+    for r in (row, other):
+        paired = r.get("paired")
+        if paired and paired["xar_infer"] == row["contender"] and paired["versus"] == other["contender"]:
+            return statistics.median(paired["generate_speedups"])
+    return None
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """Per batch size: how many times faster each xar_infer row is than DiT, SiT, the official code and
     (for the Triton rows) our plain PyTorch path."""
@@ -211,8 +234,7 @@ def ratios(rows: list[dict]) -> list[dict]:
                 "batch": row["batch"], "xar_infer": row["contender"], "versus": other["contender"],
                 "end_to_end_speedup": other["end_to_end_seconds_per_image"] / row["end_to_end_seconds_per_image"],
                 "generate_speedup": other["generate_seconds_per_image"] / row["generate_seconds_per_image"],
-                "paired_generate_speedup": (statistics.median(other["paired_generate_speedups"])
-                                            if "paired_generate_speedups" in other and row["key"] == preset else None),
+                "paired_generate_speedup": paired_median(row, other),
             })
     return out
 
@@ -230,6 +252,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-steps", type=int, default=None,
                         help="time at most K sampling steps (K >= 2) and extrapolate to the official count")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--paired-rounds", type=int, default=None,
+                        help="rounds timing a rival (DiT, SiT, the official code) or a variant (backend, mode) back to back "
+                             "with xar_infer's plain path, for drift-free ratios (default: --repeats; 0 with --quick)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--official-repo", help="a checkout of github.com/OliverRensu/xAR to time as well")
@@ -243,6 +268,8 @@ def main(argv=None) -> None:
 
     if args.quick:
         args.contenders, args.batch_sizes, args.max_steps, args.repeats = "xar-b,dit,sit", "1", 2, 1
+        args.paired_rounds = 0 if args.paired_rounds is None else args.paired_rounds
+    paired_rounds = args.repeats if args.paired_rounds is None else args.paired_rounds
     if args.max_steps is not None and args.max_steps < 2:
         parser.error("--max-steps must be at least 2 (the line needs two points)")
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -263,7 +290,8 @@ def main(argv=None) -> None:
     for batch in batches:
         for name in contenders:
             spec = {"contender": name, "batch": batch, "device": args.device, "dtype": dtype,
-                    "max_steps": args.max_steps, "repeats": args.repeats, "official_repo": args.official_repo}
+                    "max_steps": args.max_steps, "repeats": args.repeats, "official_repo": args.official_repo,
+                    "paired_rounds": paired_rounds}
             row = run_in_subprocess(spec)
             add_derived_figures(row, peak["flops_per_s"])
             rows.append(row)
@@ -273,7 +301,7 @@ def main(argv=None) -> None:
     report = {
         "machine": machine_info(args.device),
         "settings": {"device": args.device, "dtype": dtype, "batch_sizes": batches, "max_steps": args.max_steps,
-                     "repeats": args.repeats, "quick": args.quick, "contenders": contenders, "backends": backends, "modes": modes,
+                     "repeats": args.repeats, "paired_rounds": paired_rounds, "quick": args.quick, "contenders": contenders, "backends": backends, "modes": modes,
                      "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])])},
         "matmul_peak": peak,
         "rows": rows,
