@@ -12,6 +12,11 @@ and SiT (every step costs the same), on the line through 1 and K steps for xAR (
 also re-runs the previous cell; every later one costs the same; the official xAR code is timed at 3
 and max(K, 4), since its sampler fails below 3 steps). The results say so wherever that
 happened. The machine's dense matmul peak is measured in the same run.
+
+--backends adds xar_infer rows on other backends (xar-b+triton), --modes the opt-in modes that change
+outputs (xar-b@taper, xar-b@interval). Each rival (DiT, SiT, the official code) and each such variant
+is also timed in --paired-rounds rounds back to back with xar_infer's plain path inside one process:
+on a shared machine those ratios are the ones to quote.
 Writes NAME.json, NAME.md and NAME.png to --out-dir.
 """
 

@@ -1,9 +1,9 @@
 """Triton kernels of xar_infer, installed as ``xar_infer.kernels``.
 
 Each file holds one kernel family: the ``@triton.jit`` kernel next to the Python launcher that checks
-its inputs. The PyTorch reference each one is tested against is the package's own torch path
-(``xar_infer.backends``). Kernels are compiled for CUDA, or run by Triton's interpreter on CPU when
-``TRITON_INTERPRET=1`` is set before this package is imported.
+its inputs. Each is tested against the package's own PyTorch path: ``model.cached_attention`` and
+``sampling.flow_step``; ``xar_infer.backends`` chooses between them. Kernels are compiled for CUDA, or
+run by Triton's interpreter on CPU when ``TRITON_INTERPRET=1`` is set before this package is imported.
 """
 
 from .attention import block_causal_attention

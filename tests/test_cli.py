@@ -439,3 +439,12 @@ def test_fast_settings_reach_the_pipeline(tiny_checkpoint, tmp_path, capsys):
     expected = pipe([3], num_inference_steps=[3, 2, 2, 1], guidance_scale=2.5, guidance_interval=(0.2, 0.8),
                     generator=[torch.Generator().manual_seed(0)], output_type="latent").images
     assert torch.equal(load_file(out / "latents.safetensors")["latents"], expected)
+
+
+def test_vae_tiling_option(base, tmp_path, capsys):
+    code, _, err = run(capsys, generate_main, base + ["--output", tmp_path / "t", "--vae-tiling", "4,1"])
+    assert code == 0, err
+    assert len(list((tmp_path / "t").glob("*.png"))) == 1
+    with pytest.raises(SystemExit) as exc:
+        generate_main(base + ["--output", str(tmp_path / "u"), "--vae-tiling", "0"])
+    assert exc.value.code == 2 and "--vae-tiling" in capsys.readouterr().err

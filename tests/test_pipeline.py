@@ -144,3 +144,11 @@ def test_opt_in_fast_settings(pipe):
     assert tapered.shape == base.shape and torch.isfinite(tapered).all()
     assert (tapered - base).abs().max() > 1e-4 and (interval - base).abs().max() > 1e-4
     assert torch.equal(base[..., :8, :8], tapered[..., :8, :8])  # cell 0 keeps its 3 steps
+
+
+def test_tiled_vae_decoding_switch(pipe):
+    """``vae_tile_size`` reaches the VAE: a window covering the 16x16 latent is the untiled decode."""
+    untiled = _run(pipe, output_type="pt")
+    assert torch.equal(_run(pipe, output_type="pt", vae_tile_size=16), untiled)
+    tiled = _run(pipe, output_type="pt", vae_tile_size=4, vae_tile_overlap=2)
+    assert tiled.shape == untiled.shape and not torch.equal(tiled, untiled)

@@ -4,12 +4,13 @@ from .checkpoint_io import CheckpointError
 from .config import PRESETS, XARConfig
 from .loading import convert_checkpoint
 from .model import KVCache, XARTransformer
-from .pipeline import XARPipeline, XARPipelineOutput
+from .pipeline import NumericalError, XARPipeline, XARPipelineOutput
 from .vae import load_vae
 
 __all__ = [
     "CheckpointError",
     "KVCache",
+    "NumericalError",
     "PRESETS",
     "XARConfig",
     "XARPipeline",

@@ -174,6 +174,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
     model.add_argument("--local-files-only", action="store_true", help="do not download; use the Hub cache only")
     model.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the transformer's weights file (checked before loading)")
     model.add_argument("--vae", metavar="PATH", help="MAR's KL-16 VAE (kl16.ckpt), needed to decode images")
+    model.add_argument("--vae-tiling", type=tiling, metavar="TILE[,OVERLAP]",
+                       help="decode in windows of TILE latent cells with OVERLAP cells of halo (default 2): "
+                            "bounds the decoder's memory, at a small cost in fidelity")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=DTYPES, default="fp32", help="transformer precision (default: fp32)")
@@ -209,6 +212,17 @@ def step_counts(text: str) -> int | list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number or a comma list of them, got {text!r}") from None
     return counts[0] if len(counts) == 1 else counts
+
+
+def tiling(text: str) -> tuple[int, int]:
+    """``--vae-tiling TILE[,OVERLAP]``."""
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or parts[0] < 1 or (len(parts) == 2 and parts[1] < 0):
+        raise argparse.ArgumentTypeError(f"expected TILE or TILE,OVERLAP (latent cells, TILE >= 1), got {text!r}")
+    return parts[0], parts[1] if len(parts) == 2 else 2
 
 
 def time_interval(text: str) -> tuple[float, float]:
@@ -474,7 +488,9 @@ def generate_sample_set(args: argparse.Namespace) -> None:
             generators = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in batch]
             images = pipe(labels[batch.start:batch.stop].tolist(), num_inference_steps=steps, guidance_scale=cfg,
                           generator=generators, output_type="pt", sampler=args.sampler,
-                          guidance_schedule=args.guidance_schedule, guidance_interval=args.guidance_interval).images
+                          guidance_schedule=args.guidance_schedule, guidance_interval=args.guidance_interval,
+                          vae_tile_size=args.vae_tiling[0] if args.vae_tiling else None,
+                          vae_tile_overlap=args.vae_tiling[1] if args.vae_tiling else 2).images
             samples.write(batch.start, to_uint8(images))
         if distributed:
             dist.barrier()
@@ -501,7 +517,8 @@ def run_batches(pipe: XARPipeline, args: argparse.Namespace, image_ids: Sequence
         images = pipe([image_ids[i] for i in batch], num_inference_steps=steps, guidance_scale=cfg,
                       generator=generators, output_type="latent" if args.latents_only else "pil",
                       sampler=args.sampler, guidance_schedule=args.guidance_schedule,
-                      guidance_interval=args.guidance_interval).images
+                      guidance_interval=args.guidance_interval, vae_tile_size=args.vae_tiling[0] if args.vae_tiling else None,
+                      vae_tile_overlap=args.vae_tiling[1] if args.vae_tiling else 2).images
         if args.latents_only:
             kept.extend(images.float().cpu().split(1))
             continue

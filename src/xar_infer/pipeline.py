@@ -121,6 +121,7 @@ class XARPipeline:
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  output_type: str = "pil", sampler: str = "sde", guidance_schedule: str = "linear",
                  guidance_interval: tuple[float, float] | None = None,
+                 vae_tile_size: int | None = None, vae_tile_overlap: int = 2,
                  return_dict: bool = True) -> XARPipelineOutput | tuple:
         """Generate one image per class label.
 
@@ -135,6 +136,9 @@ class XARPipeline:
         to judge): ``num_inference_steps`` as a list with one count per cell, e.g. ``[40, 30, 21, 12]``
         (later cells see more context), and ``guidance_interval=(lo, hi)``: guidance only at flow times
         ``lo <= t <= hi`` (t = 1 is noise), which skips the unconditional half elsewhere.
+
+        ``vae_tile_size``: decode in windows of that many latent cells (plus ``vae_tile_overlap`` on
+        each side), bounding the decoder's memory; see ``AutoencoderKLDecoder.decode``.
         """
         steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
         scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
@@ -155,7 +159,7 @@ class XARPipeline:
         if output_type == "latent":
             images = latent
         else:
-            decoded = self.decode(latent)
+            decoded = self.decode(latent, tile_size=vae_tile_size, tile_overlap=vae_tile_overlap)
             check_finite(decoded, "decoded images", next(self.vae.parameters()).dtype if self.vae is not None else self.dtype)
             images = ((decoded + 1) / 2).clamp(0, 1).cpu()
             if output_type == "np":
@@ -164,12 +168,13 @@ class XARPipeline:
                 images = to_pil(images)
         return XARPipelineOutput(images) if return_dict else (images,)
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Model-scale latent -> image in [-1, 1] (fp32): the VAE's decode, or the identity for pixel models."""
+    def decode(self, latent: torch.Tensor, tile_size: int | None = None, tile_overlap: int = 2) -> torch.Tensor:
+        """Model-scale latent -> image in [-1, 1] (fp32): the VAE's decode (tiled with ``tile_size``),
+        or the identity for pixel models."""
         x = latent / self.transformer.config.latent_scale
         if self.transformer.config.pixel_space:
             return x.float()
-        return self.vae.decode(x.to(next(self.vae.parameters()).dtype)).float()
+        return self.vae.decode(x.to(next(self.vae.parameters()).dtype), tile_size, tile_overlap).float()
 
 
 class NumericalError(RuntimeError):

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint_io import CheckpointError, load_strict, read_state_dict
+from .vae_tiling import decode_tiled
 
 # Keys the released checkpoint carries that decoding never uses: the encoder side of the autoencoder
 # and, in training snapshots, the loss networks (discriminator / LPIPS).
@@ -118,8 +119,15 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.up_path(self.trunk(z))
+
+    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+        """Input convolution and middle block (global attention), at latent resolution."""
         h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+
+    def up_path(self, h: torch.Tensor) -> torch.Tensor:
+        """Upsampling levels and output layers: the memory peak, and the part that can be tiled."""
         for level in reversed(self.up):
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -140,12 +148,21 @@ class AutoencoderKLDecoder(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 1)
         self.decoder = Decoder(cfg)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile_size: int | None = None, tile_overlap: int = 2) -> torch.Tensor:
         """Latents ``[B, embed_dim, h, w]`` -> images ``[B, 3, h*stride, w*stride]`` in about [-1, 1].
 
         ``z`` is taken as is: undoing xAR's latent scaling (dividing by 0.2325) is the caller's job.
+        ``tile_size``: decode the up path in windows of that many latent cells per side plus a halo of
+        ``tile_overlap`` cells, blended (see ``vae_tiling``); bounds memory by the tile. None: untiled.
         """
-        return self.decoder(self.post_quant_conv(z))
+        h = self.decoder.trunk(self.post_quant_conv(z))
+        if tile_size is None:
+            return self.decoder.up_path(h)
+        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1 \
+                or isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or tile_overlap < 0:
+            raise ValueError(f"tile_size must be a positive and tile_overlap a non-negative number of latent cells, "
+                             f"got {tile_size!r} and {tile_overlap!r}")
+        return decode_tiled(h, self.decoder.up_path, self.config.stride, tile_size, tile_overlap)
 
     forward = decode
 
