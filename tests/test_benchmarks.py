@@ -92,3 +92,15 @@ def test_attention_microbenchmark_runs(tmp_path):
         assert row["max_difference"] < 2e-5
         assert all(row[f"{name} us"] > 0 for name in ("triton", "torch path", "sdpa"))
     assert "| xar-b | 1 | 64 | first |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_vae_tiling_benchmark_runs(tmp_path):
+    """Smoke run on tiny latents: both rows, positive figures, the gather/blend implementation named."""
+    subprocess.run([sys.executable, str(BENCHMARKS / "vae_tiling.py"), "--device", "cpu", "--batch", "1", "--sizes", "4",
+                    "--tiles", "none,2", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "smoke"],
+                   check=True, capture_output=True, timeout=300)
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    assert [r["tile"] for r in report["rows"]] == [None, 2]
+    assert all(r["seconds"] > 0 and r["peak_memory_bytes"] > 0 for r in report["rows"])
+    assert report["rows"][1]["gather_blend"] in ("cpp", "torch")
+    assert "| 4x4 | 64 px | 2x2 windows |" in (tmp_path / "smoke.md").read_text()

@@ -6,6 +6,7 @@ from .loading import convert_checkpoint
 from .model import KVCache, XARTransformer
 from .pipeline import NumericalError, XARPipeline, XARPipelineOutput
 from .vae import load_vae
+from .vae_tiling import vae_tiling_backend
 
 __all__ = [
     "CheckpointError",
@@ -18,5 +19,6 @@ __all__ = [
     "XARTransformer",
     "convert_checkpoint",
     "load_vae",
+    "vae_tiling_backend",
 ]
 __version__ = "0.1.0"
