@@ -17,7 +17,7 @@ from flops import counted_flops, dit_xl2_flops_per_forward, xar_flops_per_image
 from xar_infer import XARPipeline, XARTransformer
 from xar_infer.config import PRESETS
 from xar_infer.loading import released_buffers
-from xar_infer.sampling import MODULATION_TABLE_BYTES, ModulationTable, evaluation_times
+from xar_infer.sampling import ModulationTable, cell_step_counts, modulation_times
 from xar_infer.vae import AutoencoderKLDecoder, VAEConfig
 
 
@@ -115,10 +115,9 @@ class XARContender(Contender):
 
     def flops_per_image(self, steps: int) -> float:
         # Whether generate_tokens used its modulation table (it does up to a size) decides the count.
-        per_cell = self.steps(steps)
-        times = {0.0, *(t for n in (per_cell if isinstance(per_cell, list) else [per_cell]) for t in evaluation_times("sde", n))}
+        times = modulation_times("sde", cell_step_counts(self.steps(steps), self.preset.config.num_cells))
         rows = self.batch * (2 if self.preset.guidance_scale > 1 else 1)
-        table = ModulationTable.nbytes(self.pipe.transformer, rows, len(times)) <= MODULATION_TABLE_BYTES
+        table = ModulationTable.fits(self.pipe.transformer, rows, len(times))
         return xar_flops_per_image(self.preset.config, self.steps(steps), self.preset.guidance_scale, modulation_table=table,
                                    guidance_interval=GUIDANCE_INTERVAL if self.mode == "interval" else None)
 

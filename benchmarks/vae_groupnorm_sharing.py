@@ -24,17 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from xar_infer.vae import AutoencoderKLDecoder, VAEConfig
-from xar_infer.vae_tiling import decode_tiled, window_length
+from xar_infer.vae_tiling import decode_tiled, window_length, window_start
 
 HERE = Path(__file__).resolve().parent
 
 
 def owned_ranges(size: int, tile: int, overlap: int) -> dict[int, tuple[int, int]]:
     """Per window start: the latent cells whose cores that window decodes."""
-    window = window_length(size, tile, overlap)
     owned: dict[int, tuple[int, int]] = {}
     for core in range(0, size, tile):
-        start = min(max(core - overlap, 0), size - window)
+        start = window_start(core, size, tile, overlap)
         first, last = owned.get(start, (core, core))
         owned[start] = (min(first, core), max(last, min(core + tile, size)))
     return owned

@@ -32,7 +32,7 @@ from .imagenet import IMAGENET_NUM_CLASSES, class_name, resolve_class_label
 from .loading import CONFIG_NAME, WEIGHTS_NAME, convert_checkpoint
 from .fid import SampleSet, fid_labels, labels_digest, pending_batches, read_labels_file
 from .pipeline import XARPipeline, to_uint8
-from .sampling import GUIDANCE_SCHEDULES, SAMPLERS
+from .sampling import GUIDANCE_SCHEDULES, SAMPLERS, check_guidance_interval
 from .vae import load_vae
 
 GENERATE_PROG = "xar-generate"
@@ -231,8 +231,10 @@ def time_interval(text: str) -> tuple[float, float]:
         lo, hi = (float(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO,HI, two flow times in [0, 1], got {text!r}") from None
-    if not 0 <= lo <= hi <= 1:
-        raise argparse.ArgumentTypeError(f"need 0 <= LO <= HI <= 1, got {text!r}")
+    try:
+        check_guidance_interval((lo, hi))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return lo, hi
 
 
@@ -486,11 +488,8 @@ def generate_sample_set(args: argparse.Namespace) -> None:
         for number, batch in enumerate(mine, 1):
             pipe.set_progress_bar_config(disable=args.quiet, desc=f"[{rank}] batch {number}/{len(mine)}", leave=False)
             generators = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in batch]
-            images = pipe(labels[batch.start:batch.stop].tolist(), num_inference_steps=steps, guidance_scale=cfg,
-                          generator=generators, output_type="pt", sampler=args.sampler,
-                          guidance_schedule=args.guidance_schedule, guidance_interval=args.guidance_interval,
-                          vae_tile_size=args.vae_tiling[0] if args.vae_tiling else None,
-                          vae_tile_overlap=args.vae_tiling[1] if args.vae_tiling else 2).images
+            images = pipe(labels[batch.start:batch.stop].tolist(), generator=generators, output_type="pt",
+                          **sampling_options(args, steps, cfg)).images
             samples.write(batch.start, to_uint8(images))
         if distributed:
             dist.barrier()
@@ -501,6 +500,14 @@ def generate_sample_set(args: argparse.Namespace) -> None:
     finally:
         if distributed:
             dist.destroy_process_group()
+
+
+def sampling_options(args: argparse.Namespace, steps, cfg: float) -> dict:
+    """The pipeline arguments every xar-generate batch shares."""
+    tile_size, tile_overlap = args.vae_tiling or (None, 2)
+    return dict(num_inference_steps=steps, guidance_scale=cfg, sampler=args.sampler,
+                guidance_schedule=args.guidance_schedule, guidance_interval=args.guidance_interval,
+                vae_tile_size=tile_size, vae_tile_overlap=tile_overlap)
 
 
 def run_batches(pipe: XARPipeline, args: argparse.Namespace, image_ids: Sequence[int], steps: int, cfg: float,
@@ -514,11 +521,8 @@ def run_batches(pipe: XARPipeline, args: argparse.Namespace, image_ids: Sequence
         pipe.set_progress_bar_config(disable=args.quiet, desc=f"batch {number}/{len(batches)}", leave=False)
         # One generator per image: image i depends on seed + i only, not on the batch it lands in.
         generators = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in batch]
-        images = pipe([image_ids[i] for i in batch], num_inference_steps=steps, guidance_scale=cfg,
-                      generator=generators, output_type="latent" if args.latents_only else "pil",
-                      sampler=args.sampler, guidance_schedule=args.guidance_schedule,
-                      guidance_interval=args.guidance_interval, vae_tile_size=args.vae_tiling[0] if args.vae_tiling else None,
-                      vae_tile_overlap=args.vae_tiling[1] if args.vae_tiling else 2).images
+        images = pipe([image_ids[i] for i in batch], generator=generators,
+                      output_type="latent" if args.latents_only else "pil", **sampling_options(args, steps, cfg)).images
         if args.latents_only:
             kept.extend(images.float().cpu().split(1))
             continue

@@ -16,7 +16,8 @@ from .backends import resolve_backend
 from .imagenet import resolve_class_labels
 from .loading import load_pretrained
 from .model import XARTransformer
-from .sampling import GUIDANCE_SCHEDULES, SAMPLERS, NoiseSource, cell_step_counts, evaluations_per_cell, generate_tokens
+from .sampling import (GUIDANCE_SCHEDULES, SAMPLERS, NoiseSource, cell_step_counts, check_guidance_interval,
+                       evaluations_per_cell, generate_tokens)
 from .vae import AutoencoderKLDecoder, load_vae
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -99,12 +100,7 @@ class XARPipeline:
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
                 or not math.isfinite(guidance_scale) or guidance_scale < 1:
             raise ValueError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
-        if guidance_interval is not None and not (
-                isinstance(guidance_interval, (tuple, list)) and len(guidance_interval) == 2
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in guidance_interval)
-                and 0 <= guidance_interval[0] <= guidance_interval[1] <= 1):
-            raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1 (flow times; 1 is noise), "
-                             f"got {guidance_interval!r}")
+        check_guidance_interval(guidance_interval)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if sampler not in SAMPLERS:

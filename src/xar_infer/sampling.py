@@ -175,6 +175,16 @@ def cell_step_counts(num_steps: int | Sequence[int], num_cells: int) -> list[int
     return counts
 
 
+def check_guidance_interval(interval) -> None:
+    """``None``, or ``(lo, hi)`` flow times with ``0 <= lo <= hi <= 1``."""
+    if interval is not None and not (
+            isinstance(interval, (tuple, list)) and len(interval) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
+            and 0 <= interval[0] <= interval[1] <= 1):
+        raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1 (flow times; 1 is noise), "
+                         f"got {interval!r}")
+
+
 def tokens_to_latent(tokens: Tensor, grid_size: int, cell_size: int) -> Tensor:
     """[B, seq_len, c] tokens in cell order -> [B, c, grid, grid] latent."""
     B, _, c = tokens.shape
@@ -197,6 +207,11 @@ def evaluation_times(sampler: str, num_steps: int) -> list[float]:
     return grid[:num_steps].tolist() + (grid[1:num_steps].tolist() if sampler == "heun" else [])
 
 
+def modulation_times(sampler: str, steps_per_cell: Sequence[int]) -> list[float]:
+    """Every flow time a generation call evaluates, 0 included (the previous cell, run clean)."""
+    return sorted({0.0, *(t for n in set(steps_per_cell) for t in evaluation_times(sampler, n))})
+
+
 # Above this size the modulations are computed per network call instead of all at once (at batch
 # sizes that reach it, the per-call matmul is already efficient and a small part of the work).
 MODULATION_TABLE_BYTES = 256 * 2**20
@@ -216,9 +231,10 @@ class ModulationTable:
         self.per_block = model.modulations(labels, grid[None].expand(len(labels), -1))
 
     @staticmethod
-    def nbytes(model: XARTransformer, rows: int, num_times: int) -> int:
+    def fits(model: XARTransformer, rows: int, num_times: int) -> bool:
+        """Whether the table for ``rows`` labels and ``num_times`` times stays within ``MODULATION_TABLE_BYTES``."""
         c = model.config
-        return c.num_layers * rows * num_times * 6 * c.dim * model.z_proj.weight.element_size()
+        return c.num_layers * rows * num_times * 6 * c.dim * model.z_proj.weight.element_size() <= MODULATION_TABLE_BYTES
 
     def lookup(self, rows: int, times: Sequence[float]) -> list[Tensor]:
         """Per block, [rows, len(times), 6 * dim] for the first ``rows`` labels."""
@@ -271,18 +287,15 @@ def generate_tokens(
     # float64 like the released sampler; MPS has no float64.
     state_dtype = torch.float32 if labels.device.type == "mps" else torch.float64
     cell_shape = (config.tokens_per_cell, config.token_channels)
-    # 0: the previous cell, run clean.
-    times = sorted({0.0, *(t for n in set(steps_per_cell) for t in evaluation_times(sampler, n))})
-    table = None
-    if ModulationTable.nbytes(model, len(batch_labels), len(times)) <= MODULATION_TABLE_BYTES:
-        table = ModulationTable(model, batch_labels, times)
-
-    cells: list[Tensor] = []
+    times = modulation_times(sampler, steps_per_cell)
+    table = ModulationTable(model, batch_labels, times) if ModulationTable.fits(model, len(batch_labels), len(times)) else None
     B = len(labels)
+
     def step(rule: str, x: Tensor, v: Tensor, times: Tensor, i: int, scales: Tensor | None, **kwargs):
         # An unguided call returns the conditional rows only.
         return backend.flow_step(rule, x, v, times, i, scales if len(v) > len(x) else None, **kwargs)
 
+    cells: list[Tensor] = []
     for scale, cell_steps in zip(scales, steps_per_cell):
         prefix = cells[-1].to(dtype) if cells else None
 

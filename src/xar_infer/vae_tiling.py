@@ -42,13 +42,18 @@ def vae_tiling_backend(device: torch.device | str = "cpu") -> str:
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     """Start of each window along an axis of ``size`` latent cells; all windows are
     ``window_length(size, tile, overlap)`` long and their cores of ``tile`` cells cover the axis."""
-    window = window_length(size, tile, overlap)
     # Shifted inwards at the far border, two cores can land in one window: decode it once.
-    return sorted({min(max(core - overlap, 0), size - window) for core in range(0, size, tile)})
+    return sorted({window_start(core, size, tile, overlap) for core in range(0, size, tile)})
 
 
 def window_length(size: int, tile: int, overlap: int) -> int:
     return min(size, tile + 2 * overlap)
+
+
+def window_start(core: int, size: int, tile: int, overlap: int) -> int:
+    """Start of the window decoding the core that starts at ``core``: ``overlap`` cells before it,
+    shifted inwards to stay inside the axis."""
+    return min(max(core - overlap, 0), size - window_length(size, tile, overlap))
 
 
 def feather(start: int, length: int, size: int, ramp: int, device, dtype) -> torch.Tensor:
