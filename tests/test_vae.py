@@ -220,6 +220,13 @@ def test_bad_tile_arguments(small_vae):
 
 # ---- the compiled gather/blend against the PyTorch fallback ----------------------------------------
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# What each compiled version handles, per device (vae_tiling.COMPILED_DTYPES), as test cases.
+COMPILED_CASES = [("cpu", torch.float32), ("cpu", torch.float64)] + [
+    pytest.param("cuda", dtype, marks=needs_cuda)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)]
+
+
 def test_the_compiled_extension_is_built_here():
     """CI installs with --no-build-isolation, so the C++ extension must be there: a silent fallback
     would leave it untested."""
@@ -228,36 +235,104 @@ def test_the_compiled_extension_is_built_here():
     assert xar_infer.vae_tiling_backend("cpu") == "cpp"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compiled_gather_and_blend_equal_the_fallback(dtype):
+@needs_cuda
+def test_the_cuda_extension_is_built_on_a_gpu_machine():
+    """On a GPU machine with nvcc, setup.py builds the CUDA version too (see README)."""
+    import xar_infer
+
+    assert xar_infer.vae_tiling_backend("cuda") == "cuda"
+
+
+def test_the_cuda_source_compiles(tmp_path):
+    """Without a GPU, nvcc (when installed) still compiles csrc/vae_tiling.cu against this torch's headers
+    for Hopper, so that a GPU machine never meets a syntax or type error first."""
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    source = Path(__file__).resolve().parents[1] / "csrc" / "vae_tiling.cu"
+    # A CPU build of torch ships the c10/cuda headers but not the one its CMake generates for CUDA
+    # builds; that one only declares that c10_cuda is a shared library.
+    generated = tmp_path / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    generated.parent.mkdir(parents=True)
+    generated.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [f"-I{path}" for path in (tmp_path / "include", *cpp_extension.include_paths(),
+                                         sysconfig.get_paths()["include"])]
+    command = [nvcc, "-c", "-std=c++20", "-O3", "--fmad=false", "-arch=sm_90", *cpp_extension.COMMON_NVCC_FLAGS,
+               "-DTORCH_EXTENSION_NAME=_vae_tiling_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H", "-Xcompiler", "-fPIC",
+               *includes, str(source), "-o", str(tmp_path / "vae_tiling_cuda.o")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "vae_tiling_cuda.o").stat().st_size > 0
+
+
+def compiled_module(device):
     from xar_infer import vae_tiling as vt
 
-    if vt._compiled is None:
-        pytest.skip("extension not built")
+    module = vt._compiled_cuda if device == "cuda" else vt._compiled
+    if module is None:  # the two tests above fail in that case; this one has nothing to compare
+        pytest.skip(f"the {device} extension is not built")
+    return module
+
+
+@pytest.mark.parametrize("device,dtype", COMPILED_CASES)
+def test_compiled_gather_and_blend_equal_the_fallback(device, dtype):
+    from xar_infer import vae_tiling as vt
+
+    compiled = compiled_module(device)
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(3, 5, 9, 11, generator=g, dtype=dtype)
+    h = torch.randn(3, 5, 9, 11, generator=g).to(device, dtype)
     rows = torch.tensor([0, 0, 4, 4, 2], dtype=torch.int64)
     cols = torch.tensor([0, 6, 0, 6, 3], dtype=torch.int64)
-    assert torch.equal(vt._compiled.gather_tiles(h, rows, cols, 5, 5), vt.gather_tiles_torch(h, rows, cols, 5, 5))
+    assert torch.equal(compiled.gather_tiles(h, rows, cols, 5, 5), vt.gather_tiles_torch(h, rows, cols, 5, 5))
 
+    # Five overlapping windows (the last overlaps all four), blended in one call: the order of the sums matters.
     scale, ramp = 4, 6
-    tiles = torch.randn(5 * 3, 2, 20, 20, generator=g, dtype=dtype)
+    tiles = torch.randn(5 * 3, 2, 20, 20, generator=g).to(device, dtype)
+    wy = vt.window_weights([r * scale for r in rows.tolist()], 20, 36, ramp, device, dtype)
+    wx = vt.window_weights([c * scale for c in cols.tolist()], 20, 44, ramp, device, dtype)
     results = []
-    for blend in (vt._compiled.blend_tiles_, vt.blend_tiles_torch_):
-        out, weight_sum = torch.zeros(3, 2, 36, 44, dtype=dtype), torch.zeros(36, 44, dtype=dtype)
-        blend(out, weight_sum, tiles, rows, cols, scale, ramp)
+    for blend in (compiled.blend_tiles_, vt.blend_tiles_torch_):
+        out = torch.randn(3, 2, 36, 44, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+        weight_sum = torch.zeros(36, 44, device=device, dtype=dtype)
+        blend(out, weight_sum, tiles, rows, cols, wy, wx, scale)
         results.append((out, weight_sum))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert (results[0][1][:20, :20] > 0).all()
 
 
-def test_compiled_and_fallback_decode_alike(small_vae, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_compiled_blend_refuses_mismatched_weights(device):
+    compiled = compiled_module(device)
+    out, weight_sum = torch.zeros(1, 2, 8, 8, device=device), torch.zeros(8, 8, device=device)
+    tiles = torch.zeros(1, 2, 8, 8, device=device)
+    rows = cols = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="wy and wx must be"):
+        compiled.blend_tiles_(out, weight_sum, tiles, rows, cols, torch.ones(1, 7, device=device),
+                              torch.ones(1, 8, device=device), 1)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        compiled.blend_tiles_(out, weight_sum, tiles, rows, cols, torch.ones(1, 8, device=device, dtype=torch.float64),
+                              torch.ones(1, 8, device=device), 1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_compiled_and_fallback_decode_alike(small_vae, monkeypatch, device):
     from xar_infer import vae_tiling as vt
 
-    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        compiled = small_vae.decode(z, tile_size=3, tile_overlap=2)
-        monkeypatch.setattr(vt, "_compiled", None)
-        assert vt.vae_tiling_backend() == "torch"
-        fallback = small_vae.decode(z, tile_size=3, tile_overlap=2)
+    compiled_module(device)
+    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
+    try:
+        vae = small_vae.to(device)  # the fixture is shared: moved back below
+        with torch.no_grad():
+            compiled = vae.decode(z, tile_size=3, tile_overlap=2)
+            monkeypatch.setattr(vt, "_compiled_cuda" if device == "cuda" else "_compiled", None)
+            assert vt.vae_tiling_backend(device) == "torch"
+            fallback = vae.decode(z, tile_size=3, tile_overlap=2)
+    finally:
+        small_vae.to("cpu")
     assert torch.equal(compiled, fallback)

@@ -10,8 +10,8 @@ untiled result exactly. GroupNorm statistics stay per window; that, not the blen
 how close tiled decoding comes to untiled.
 
 The two data-movement steps, ``gather_tiles`` and ``blend_tiles_``, are defined here in PyTorch and
-also compiled from ``csrc/`` (the ``xar_infer._vae_tiling`` extension, built by ``setup.py`` when it
-can be); ``vae_tiling_backend()`` says which one runs.
+also compiled from ``csrc/``: ``xar_infer._vae_tiling`` (C++, CPU) and ``xar_infer._vae_tiling_cuda``,
+built by ``setup.py`` when they can be. ``vae_tiling_backend(device)`` says which one runs.
 """
 
 from __future__ import annotations
@@ -24,19 +24,33 @@ try:
     from . import _vae_tiling as _compiled
 except ImportError:  # not built: the PyTorch versions below run instead
     _compiled = None
+try:
+    from . import _vae_tiling_cuda as _compiled_cuda
+except ImportError:  # built only against a CUDA torch with nvcc present
+    _compiled_cuda = None
 
-# Float types the compiled loops handle; others take the PyTorch path.
-COMPILED_DTYPES = (torch.float32, torch.float64)
+# Float types each compiled version handles; others take the PyTorch path.
+COMPILED_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
 
 
 def vae_tiling_backend(device: torch.device | str = "cpu") -> str:
     """Which implementation gathers and blends tiles on ``device``: ``"cuda"``, ``"cpp"`` or ``"torch"``."""
     device = torch.device(device)
-    if _compiled is None:
-        return "torch"
-    if device.type == "cuda":
-        return "cuda" if _compiled.has_cuda() else "torch"
-    return "cpp" if device.type == "cpu" else "torch"
+    if device.type == "cuda" and _compiled_cuda is not None:
+        return "cuda"
+    if device.type == "cpu" and _compiled is not None:
+        return "cpp"
+    return "torch"
+
+
+def _compiled_for(t: torch.Tensor):
+    """The compiled module for ``t``'s device and dtype, or None."""
+    if vae_tiling_backend(t.device) == "torch" or t.dtype not in COMPILED_DTYPES[t.device.type]:
+        return None
+    return _compiled_cuda if t.device.type == "cuda" else _compiled
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -69,36 +83,44 @@ def feather(start: int, length: int, size: int, ramp: int, device, dtype) -> tor
     return w
 
 
+def window_weights(starts: list[int], length: int, size: int, ramp: int, device, dtype) -> torch.Tensor:
+    """[n, length]: the ``feather`` weights of windows starting at pixels ``starts`` on an axis of ``size``.
+    Made once here, for the PyTorch and the compiled blends alike, so that both multiply the same weights."""
+    return torch.stack([feather(start, length, size, ramp, device, dtype) for start in starts])
+
+
 def gather_tiles_torch(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
     """[B, C, H, W] -> [n * B, C, wh, ww]: window p (top-left ``rows[p], cols[p]``) of image b at p * B + b."""
     return torch.cat([h[:, :, r:r + wh, c:c + ww] for r, c in zip(rows.tolist(), cols.tolist())])
 
 
 def blend_tiles_torch_(out: torch.Tensor, weight_sum: torch.Tensor, tiles: torch.Tensor, rows: torch.Tensor,
-                       cols: torch.Tensor, scale: int, ramp: int) -> None:
-    """Add each decoded window (at latent cell ``rows[p], cols[p]``) times its feathered weight into
-    ``out`` [B, C, Hs, Ws] and the weight into ``weight_sum`` [Hs, Ws], in place, windows in order."""
-    B, Hs, Ws = out.shape[0], out.shape[2], out.shape[3]
+                       cols: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor, scale: int) -> None:
+    """Add each decoded window p (at latent cell ``rows[p], cols[p]``) times its weights
+    ``wy[p, :, None] * wx[p, None, :]`` into ``out`` [B, C, Hs, Ws], and the weights into ``weight_sum``
+    [Hs, Ws], in place, windows in order."""
+    B = out.shape[0]
     ph, pw = tiles.shape[2:]
     for p, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
         top, left = r * scale, c * scale
-        weight = (feather(top, ph, Hs, ramp, out.device, out.dtype)[:, None]
-                  * feather(left, pw, Ws, ramp, out.device, out.dtype)[None, :])
+        weight = wy[p, :, None] * wx[p, None, :]
         out[:, :, top:top + ph, left:left + pw] += tiles[p * B:(p + 1) * B] * weight
         weight_sum[top:top + ph, left:left + pw] += weight
 
 
-def gather_tiles(h, rows, cols, wh, ww):
-    if vae_tiling_backend(h.device) != "torch" and h.dtype in COMPILED_DTYPES:
-        return _compiled.gather_tiles(h, rows, cols, wh, ww)
-    return gather_tiles_torch(h, rows, cols, wh, ww)
+def gather_tiles(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    compiled = _compiled_for(h)
+    return (compiled.gather_tiles if compiled else gather_tiles_torch)(h, rows, cols, wh, ww)
 
 
-def blend_tiles_(out, weight_sum, tiles, rows, cols, scale, ramp) -> None:
-    if vae_tiling_backend(out.device) != "torch" and out.dtype in COMPILED_DTYPES:
-        _compiled.blend_tiles_(out, weight_sum, tiles, rows, cols, scale, ramp)
-    else:
-        blend_tiles_torch_(out, weight_sum, tiles, rows, cols, scale, ramp)
+def blend_tiles_(out: torch.Tensor, weight_sum: torch.Tensor, tiles: torch.Tensor, rows: torch.Tensor,
+                 cols: torch.Tensor, scale: int, ramp: int) -> None:
+    """Blend decoded windows into ``out`` and ``weight_sum`` with weights ramping over ``ramp`` pixels."""
+    (_, _, Hs, Ws), (ph, pw) = out.shape, tiles.shape[2:]
+    wy = window_weights([r * scale for r in rows.tolist()], ph, Hs, ramp, out.device, out.dtype)
+    wx = window_weights([c * scale for c in cols.tolist()], pw, Ws, ramp, out.device, out.dtype)
+    compiled = _compiled_for(out)
+    (compiled.blend_tiles_ if compiled else blend_tiles_torch_)(out, weight_sum, tiles, rows, cols, wy, wx, scale)
 
 
 def decode_tiled(h: torch.Tensor, up_path: Callable[[torch.Tensor], torch.Tensor], scale: int, tile: int,
