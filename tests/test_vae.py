@@ -271,6 +271,24 @@ def test_the_cuda_source_compiles(tmp_path):
     assert (tmp_path / "vae_tiling_cuda.o").stat().st_size > 0
 
 
+def test_setup_chooses_the_extensions_this_torch_can_build():
+    """setup.py's decision, without building: FORCE_CUDA=1 under a torch without CUDA warns and keeps
+    the CPU extension (the install must not fail)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FORCE_CUDA": "1"}
+    result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if torch.version.cuda is None:
+        assert "FORCE_CUDA=1, but this torch was built without CUDA; building the CPU extension only" in result.stderr
+    else:
+        assert "building the CPU extension only" not in result.stderr
+
+
 def compiled_module(device):
     from xar_infer import vae_tiling as vt
 
