@@ -34,6 +34,7 @@ from .fid import SampleSet, fid_labels, labels_digest, pending_batches, read_lab
 from .pipeline import XARPipeline, to_uint8
 from .sampling import GUIDANCE_SCHEDULES, SAMPLERS, check_guidance_interval
 from .vae import load_vae
+from .vae_tiling import DEFAULT_TILE_OVERLAP
 
 GENERATE_PROG = "xar-generate"
 CONVERT_PROG = "xar-convert"
@@ -175,8 +176,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     model.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the transformer's weights file (checked before loading)")
     model.add_argument("--vae", metavar="PATH", help="MAR's KL-16 VAE (kl16.ckpt), needed to decode images")
     model.add_argument("--vae-tiling", type=tiling, metavar="TILE[,OVERLAP]",
-                       help="decode in windows of TILE latent cells with OVERLAP cells of halo (default 2): "
-                            "bounds the decoder's memory, at a small cost in fidelity")
+                       help="decode in windows of TILE latent cells with OVERLAP cells of halo "
+                            f"(default {DEFAULT_TILE_OVERLAP}): bounds the decoder's memory, at a small cost in fidelity")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=DTYPES, default="fp32", help="transformer precision (default: fp32)")
@@ -222,7 +223,7 @@ def tiling(text: str) -> tuple[int, int]:
         parts = []
     if len(parts) not in (1, 2) or parts[0] < 1 or (len(parts) == 2 and parts[1] < 0):
         raise argparse.ArgumentTypeError(f"expected TILE or TILE,OVERLAP (latent cells, TILE >= 1), got {text!r}")
-    return parts[0], parts[1] if len(parts) == 2 else 2
+    return parts[0], parts[1] if len(parts) == 2 else DEFAULT_TILE_OVERLAP
 
 
 def time_interval(text: str) -> tuple[float, float]:
@@ -504,7 +505,7 @@ def generate_sample_set(args: argparse.Namespace) -> None:
 
 def sampling_options(args: argparse.Namespace, steps, cfg: float) -> dict:
     """The pipeline arguments every xar-generate batch shares."""
-    tile_size, tile_overlap = args.vae_tiling or (None, 2)
+    tile_size, tile_overlap = args.vae_tiling or (None, DEFAULT_TILE_OVERLAP)
     return dict(num_inference_steps=steps, guidance_scale=cfg, sampler=args.sampler,
                 guidance_schedule=args.guidance_schedule, guidance_interval=args.guidance_interval,
                 vae_tile_size=tile_size, vae_tile_overlap=tile_overlap)

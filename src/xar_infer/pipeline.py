@@ -19,6 +19,7 @@ from .model import XARTransformer
 from .sampling import (GUIDANCE_SCHEDULES, SAMPLERS, NoiseSource, cell_step_counts, check_guidance_interval,
                        evaluations_per_cell, generate_tokens)
 from .vae import AutoencoderKLDecoder, load_vae
+from .vae_tiling import DEFAULT_TILE_OVERLAP
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -117,7 +118,7 @@ class XARPipeline:
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  output_type: str = "pil", sampler: str = "sde", guidance_schedule: str = "linear",
                  guidance_interval: tuple[float, float] | None = None,
-                 vae_tile_size: int | None = None, vae_tile_overlap: int = 2,
+                 vae_tile_size: int | None = None, vae_tile_overlap: int = DEFAULT_TILE_OVERLAP,
                  return_dict: bool = True) -> XARPipelineOutput | tuple:
         """Generate one image per class label.
 
@@ -164,7 +165,8 @@ class XARPipeline:
                 images = to_pil(images)
         return XARPipelineOutput(images) if return_dict else (images,)
 
-    def decode(self, latent: torch.Tensor, tile_size: int | None = None, tile_overlap: int = 2) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, tile_size: int | None = None,
+               tile_overlap: int = DEFAULT_TILE_OVERLAP) -> torch.Tensor:
         """Model-scale latent -> image in [-1, 1] (fp32): the VAE's decode (tiled with ``tile_size``),
         or the identity for pixel models."""
         x = latent / self.transformer.config.latent_scale

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint_io import CheckpointError, load_strict, read_state_dict
-from .vae_tiling import decode_tiled
+from .vae_tiling import DEFAULT_TILE_OVERLAP, decode_tiled
 
 # Keys the released checkpoint carries that decoding never uses: the encoder side of the autoencoder
 # and, in training snapshots, the loss networks (discriminator / LPIPS).
@@ -148,7 +148,7 @@ class AutoencoderKLDecoder(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 1)
         self.decoder = Decoder(cfg)
 
-    def decode(self, z: torch.Tensor, tile_size: int | None = None, tile_overlap: int = 2) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile_size: int | None = None, tile_overlap: int = DEFAULT_TILE_OVERLAP) -> torch.Tensor:
         """Latents ``[B, embed_dim, h, w]`` -> images ``[B, 3, h*stride, w*stride]`` in about [-1, 1].
 
         ``z`` is taken as is: undoing xAR's latent scaling (dividing by 0.2325) is the caller's job.

@@ -29,6 +29,10 @@ try:
 except ImportError:  # built only against a CUDA torch with nvcc present
     _compiled_cuda = None
 
+# Halo of each window, in latent cells, unless the caller picks one: covers most of the up path's
+# receptive field at a modest cost (see the README's PSNR figures).
+DEFAULT_TILE_OVERLAP = 2
+
 # Float types each compiled version handles; others take the PyTorch path.
 COMPILED_DTYPES = {
     "cpu": (torch.float32, torch.float64),
