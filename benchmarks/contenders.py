@@ -55,6 +55,7 @@ class Contender:
     uniform_steps: bool = False
     min_steps: int = 1  # the fewest sampling steps the sampler handles
     extrapolable: bool = True  # False: always timed at the full step count
+    captures: bool = False  # True: the first call at a step count captures CUDA graphs (warm up at the full count)
 
     def generate(self, batch: int, steps: int) -> torch.Tensor:
         raise NotImplementedError
@@ -79,6 +80,7 @@ GUIDANCE_INTERVAL = (0.2, 0.8)
 class XARContender(Contender):
     """xar_infer's pipeline on a preset's architecture, with MAR's KL-16 decoder.
 
+    ``backend``: ``torch`` or ``triton``, with ``+graphs`` to replay the network calls from CUDA graphs.
     ``mode``: ``exact`` (the released sampler's results), ``taper`` (per-cell step counts) or
     ``interval`` (guidance interval); the last two change the outputs and are always timed in full.
     """
@@ -87,18 +89,25 @@ class XARContender(Contender):
         preset = PRESETS[preset_name]
         self.preset, self.device, self.mode = preset, device, mode
         self.name = f"xar_infer {preset_name} ({backend}, {mode if mode == 'exact' else mode + ', changes outputs'})"
+        kernels, _, extra = backend.partition("+")
+        if extra not in ("", "graphs"):
+            raise ValueError(f"unknown backend {backend!r}: torch or triton, optionally with +graphs")
         self.nominal_steps = preset.num_inference_steps
         steps = self.steps(preset.num_inference_steps)
         steps_text = "/".join(map(str, steps)) if isinstance(steps, list) else str(steps)
         self.description = f"{steps_text} SDE steps per cell, cfg {preset.guidance_scale}"
         if mode == "interval":
             self.description += f" at t in {list(GUIDANCE_INTERVAL)}"
-        self.extrapolable = mode == "exact"
+        # Graphs are captured per step count: alternating counts to extrapolate would recapture each time.
+        self.captures = extra == "graphs"
+        self.extrapolable = mode == "exact" and not self.captures
         transformer = build_on(device, dtype, lambda: XARTransformer(preset.config))
         vae = build_on(device, torch.float32, lambda: AutoencoderKLDecoder(VAEConfig()))
         self.pipe = XARPipeline(transformer, vae, num_inference_steps=preset.num_inference_steps,
-                                guidance_scale=preset.guidance_scale, backend=backend)
+                                guidance_scale=preset.guidance_scale, backend=kernels)
         self.pipe.set_progress_bar_config(disable=True)
+        if self.captures:
+            self.pipe.enable_cuda_graphs()
         self.batch = 1
 
     def steps(self, steps: int) -> int | list[int]:

@@ -44,6 +44,10 @@ def markdown(report: dict) -> str:
         lines += ["", "² median over rounds that time both contenders one after the other in one process (the "
                       "columns before compare medians measured minutes apart, and this shared machine's speed drifts "
                       "by tens of percent over minutes)."]
+    captured = [r for r in report["rows"] if "first_call_seconds" in r]
+    for r in captured:
+        lines.append(f"\n{r['contender']} at batch {r['batch']}: the first call, which captures the CUDA graphs, took "
+                     f"{r['first_call_seconds']:.2f} s; the times above are later calls, which only replay them.")
     official = [r for r in report["rows"] if "max_abs_diff_vs_xar_infer" in r]
     for r in official:
         lines.append(f"\n{r['contender']} at batch {r['batch']}: latents differ from xar_infer's by at most "

@@ -223,6 +223,7 @@ EARLY_ERRORS = {
     "unknown device": (["--device", "nonsense"], ["--device", "nonsense"]),
     "absent cuda device": (["--device", "cuda:99"], ["--device", "cuda:99"]),
     "meta device": (["--device", "meta"], ["--device", "meta"]),
+    "cuda graphs on cpu": (["--cuda-graphs"], ["--cuda-graphs needs a CUDA device", "--device cpu"]),
     "hub option with checkpoint": (["--revision", "main"], ["--revision", "--checkpoint"]),
 }
 

@@ -152,3 +152,30 @@ def test_tiled_vae_decoding_switch(pipe):
     assert torch.equal(_run(pipe, output_type="pt", vae_tile_size=16), untiled)
     tiled = _run(pipe, output_type="pt", vae_tile_size=4, vae_tile_overlap=2)
     assert tiled.shape == untiled.shape and not torch.equal(tiled, untiled)
+
+
+def test_cuda_graphs_switch(pipe):
+    """Off CUDA the switch refuses with the fix; the pipeline passes its graphs to every call (run here
+    without capturing, as the CUDA-graph tests do; the real capture is tested on a GPU)."""
+    from xar_infer.cuda_graphs import CUDAGraphs
+
+    with pytest.raises(ValueError, match="need the pipeline on a CUDA device, not cpu: call pipe.to"):
+        pipe.enable_cuda_graphs()
+    eager = _run(pipe, output_type="latent")
+    pipe._cuda_graphs = CUDAGraphs(capture=False)
+    assert torch.equal(_run(pipe, output_type="latent"), eager)
+    assert pipe._cuda_graphs.num_graphs == 7
+    pipe.disable_cuda_graphs()
+    assert pipe._cuda_graphs is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_give_the_eager_images_on_cuda(tiny_checkpoint, tiny_vae_checkpoint):
+    pipe = XARPipeline.from_pretrained(tiny_checkpoint, vae=tiny_vae_checkpoint, device="cuda", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda seed: pipe([1, 2], num_inference_steps=3, guidance_scale=2.0, output_type="pt",  # noqa: E731
+                            generator=torch.Generator("cuda").manual_seed(seed)).images
+    eager = [run(0), run(1)]
+    pipe.enable_cuda_graphs()
+    assert torch.equal(run(0), eager[0]) and torch.equal(run(1), eager[1])
+    assert pipe._cuda_graphs.num_graphs == 7

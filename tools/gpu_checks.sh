@@ -6,7 +6,7 @@
 #   tools/gpu_checks.sh build        # editable install without dependencies; builds csrc/ for this GPU
 #   tools/gpu_checks.sh tests        # kernels, tiling, backends and pipeline tests on CUDA (after build)
 #   tools/gpu_checks.sh kernels      # benchmarks/attention.py and benchmarks/vae_tiling.py
-#   tools/gpu_checks.sh generation   # benchmarks/run.py, bf16, both backends (needs diffusers for DiT/SiT)
+#   tools/gpu_checks.sh generation   # benchmarks/run.py, bf16, torch/triton/CUDA graphs (needs diffusers for DiT/SiT)
 #
 # Results go to benchmarks/results/ under names that start with the GPU's name, and to $OUT if set.
 set -euo pipefail
@@ -26,6 +26,7 @@ case "${1:-}" in
     ;;
   tests)
     $python -m pytest -q -rs tests/test_kernels.py tests/test_vae.py tests/test_backends.py tests/test_pipeline.py \
+      tests/test_cuda_graphs.py \
       2>&1 | tee "$results/$gpu-tests.log"
     copy_out "$results/$gpu-tests.log"
     ;;
@@ -35,8 +36,10 @@ case "${1:-}" in
     copy_out "$results/$gpu"-attention.* "$results/$gpu"-vae-tiling.*
     ;;
   generation)
-    $python benchmarks/run.py --device cuda --dtype bf16 --batch-sizes 1,8,64,256 --backends torch,triton \
-      --max-steps 50 --paired-rounds 3 --name "$gpu-bf16"
+    # OFFICIAL_REPO=path/to/xAR adds the official code (it needs its own dependencies, e.g. timm).
+    $python benchmarks/run.py --device cuda --dtype bf16 --batch-sizes 1,8,64,256 \
+      --backends torch,triton,triton+graphs --max-steps 50 --paired-rounds 3 --name "$gpu-bf16" \
+      ${OFFICIAL_REPO:+--official-repo "$OFFICIAL_REPO"}
     copy_out "$results/$gpu"-bf16.*
     ;;
   *)

@@ -9,6 +9,7 @@ place that chooses.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,6 +34,7 @@ class Backend:
 TORCH = Backend("torch", cached_attention, flow_step)
 
 
+@functools.cache  # one object, so that CUDA graphs captured with it are recognised at the next call
 def _triton_backend() -> Backend:
     from . import kernels
 

@@ -87,9 +87,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos + rotated * sin).type_as(x)
 
 
-def block_causal_mask(tokens_per_cell: int, start: int, num_queries: int) -> Tensor:
+def block_causal_mask(tokens_per_cell: int, start: int, num_queries: int, device: torch.device | str | None = None) -> Tensor:
     """Boolean [num_queries, start + num_queries] mask: a token sees every token of its own and earlier cells."""
-    cell_of = torch.arange(start + num_queries) // tokens_per_cell
+    # Made on the device (not copied there): a CUDA graph cannot capture a host-to-device copy.
+    cell_of = torch.arange(start + num_queries, device=device) // tokens_per_cell
     return cell_of[None, :] <= cell_of[start:, None]
 
 
@@ -107,7 +108,7 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     start, N = cache.length, q.shape[2]
     k, v = cache.update(layer, k, v)
     # A single cell sees all its keys (the cache holds only earlier cells): no mask needed.
-    mask = block_causal_mask(tokens_per_cell, start, N).to(q.device) if N > tokens_per_cell else None
+    mask = block_causal_mask(tokens_per_cell, start, N, q.device) if N > tokens_per_cell else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 

@@ -8,15 +8,17 @@ probability-flow ODE deterministically.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .model import XARTransformer
+from .model import AttentionFn, XARTransformer
 
 if TYPE_CHECKING:
     from .backends import Backend
+    from .cuda_graphs import CUDAGraphs
 
 SAMPLERS = ("sde", "euler", "heun")
 GUIDANCE_SCHEDULES = ("linear", "constant")
@@ -245,6 +247,33 @@ class ModulationTable:
         return [m[:rows, index] for m in self.per_block]
 
 
+class NetworkCalls:
+    """The network calls of one generation call, run eagerly: one KV cache, one modulation table.
+
+    Rows ``[0, B)`` of ``labels`` are the conditional ones, ``[B, 2B)`` (when guided) the null class.
+    ``xar_infer.cuda_graphs`` replays the same calls from captured graphs, with the same signature.
+    """
+
+    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], attention: AttentionFn):
+        self.model, self.labels, self.attention = model, labels, attention
+        self.cache = model.new_cache(len(labels))
+        fits = ModulationTable.fits(model, len(labels), len(times))
+        self.table = ModulationTable(model, labels, times) if fits else None
+
+    def __call__(self, x: Tensor, t: float, rows: int, prefix: Tensor | None) -> Tensor:
+        """Velocity [rows, ...] of the noisy cell ``x`` [B, ...] at flow time ``t`` for the first ``rows``
+        labels (``x`` repeated for the null half when ``rows`` is 2B), committing the clean cell
+        ``prefix`` [B, ...] (given once per cell) to the cache first."""
+        dtype = self.model.z_proj.weight.dtype
+        copies = rows // len(x)
+        inputs = torch.cat([x] * copies) if copies > 1 else x
+        call_times = [t] if prefix is None else [0.0, t]
+        return self.model(inputs.to(dtype), self.labels[:rows], torch.full((rows,), t, dtype=x.dtype, device=x.device),
+                          self.cache, prefix=None if prefix is None else torch.cat([prefix] * copies),
+                          attention=self.attention,
+                          modulations=None if self.table is None else self.table.lookup(rows, call_times))
+
+
 @torch.no_grad()
 def generate_tokens(
     model: XARTransformer,
@@ -257,6 +286,7 @@ def generate_tokens(
     on_evaluation: Callable[[], None] | None = None,
     backend: "Backend | None" = None,
     guidance_interval: tuple[float, float] | None = None,
+    cuda_graphs: "CUDAGraphs | None" = None,
 ) -> Tensor:
     """Generate the latent [B, c, grid, grid] (model scale, not yet divided by ``latent_scale``).
 
@@ -266,7 +296,8 @@ def generate_tokens(
     in the released sampler, except where the unconditional half would be thrown away: the calls of
     a cell with scale <= 1 (the first cell under the linear schedule) run the conditional rows only,
     unless they must cache the previous cell for both halves. ``backend``: the attention and step
-    implementations (``xar_infer.backends``; PyTorch when None).
+    implementations (``xar_infer.backends``; PyTorch when None). ``cuda_graphs``: replay the network
+    calls from CUDA graphs (``xar_infer.cuda_graphs``) instead of running them eagerly; same result.
 
     Two opt-in settings change the output (the released sampler has neither): ``num_steps`` as one
     count per cell (later cells, with more context, can take fewer steps), and ``guidance_interval``
@@ -282,39 +313,36 @@ def generate_tokens(
     guided = any(s > 1.0 for s in scales)
     lo, hi = guidance_interval if guidance_interval is not None else (0.0, 1.0)
     batch_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
-    cache = model.new_cache(len(batch_labels))
     dtype = model.z_proj.weight.dtype
     # float64 like the released sampler; MPS has no float64.
     state_dtype = torch.float32 if labels.device.type == "mps" else torch.float64
     cell_shape = (config.tokens_per_cell, config.token_channels)
     times = modulation_times(sampler, steps_per_cell)
-    table = ModulationTable(model, batch_labels, times) if ModulationTable.fits(model, len(batch_labels), len(times)) else None
     B = len(labels)
 
     def step(rule: str, x: Tensor, v: Tensor, times: Tensor, i: int, scales: Tensor | None, **kwargs):
         # An unguided call returns the conditional rows only.
         return backend.flow_step(rule, x, v, times, i, scales if len(v) > len(x) else None, **kwargs)
 
+    session = (nullcontext(NetworkCalls(model, batch_labels, times, backend.attention)) if cuda_graphs is None
+               else cuda_graphs.session(model, batch_labels, times, backend.attention))
     cells: list[Tensor] = []
-    for scale, cell_steps in zip(scales, steps_per_cell):
-        prefix = cells[-1].to(dtype) if cells else None
+    with session as network:
+        for scale, cell_steps in zip(scales, steps_per_cell):
+            prefix = cells[-1].to(dtype) if cells else None
 
-        def velocity(x: Tensor, t: float, first: bool, prefix=prefix, scale=scale) -> Tensor:
-            with_prefix = first and prefix is not None
-            guide = scale > 1.0 and lo <= t <= hi
-            # Both halves run to guide, or to cache the previous cell for later guided calls.
-            rows = 2 * B if guide or (guided and with_prefix) else B
-            inputs = torch.cat([x, x]) if rows > B else x
-            call_times = [0.0, t] if with_prefix else [t]
-            v = model(inputs.to(dtype), batch_labels[:rows], torch.full((rows,), t, dtype=x.dtype, device=x.device),
-                      cache, prefix=(torch.cat([prefix] * (rows // B)) if with_prefix else None),
-                      attention=backend.attention, modulations=None if table is None else table.lookup(rows, call_times))
-            if on_evaluation is not None:
-                on_evaluation()
-            return v if guide else v[:B]
+            def velocity(x: Tensor, t: float, first: bool, prefix=prefix, scale=scale) -> Tensor:
+                with_prefix = first and prefix is not None
+                guide = scale > 1.0 and lo <= t <= hi
+                # Both halves run to guide, or to cache the previous cell for later guided calls.
+                rows = 2 * B if guide or (guided and with_prefix) else B
+                v = network(x, t, rows, prefix if with_prefix else None)
+                if on_evaluation is not None:
+                    on_evaluation()
+                return v if guide else v[:B]
 
-        row_scales = torch.full((B,), scale, dtype=state_dtype, device=labels.device)
-        x = noise.randn(cell_shape, torch.float32).to(state_dtype)
-        x = CELL_SAMPLERS[sampler](velocity, x, cell_steps, row_scales, noise, step)
-        cells.append(x.float())
+            row_scales = torch.full((B,), scale, dtype=state_dtype, device=labels.device)
+            x = noise.randn(cell_shape, torch.float32).to(state_dtype)
+            x = CELL_SAMPLERS[sampler](velocity, x, cell_steps, row_scales, noise, step)
+            cells.append(x.float())
     return tokens_to_latent(torch.cat(cells, dim=1), config.grid_size, config.cell_size)
