@@ -104,3 +104,17 @@ def test_vae_tiling_benchmark_runs(tmp_path):
     assert all(r["seconds"] > 0 and r["peak_memory_bytes"] > 0 for r in report["rows"])
     assert report["rows"][1]["gather_blend"] in ("cpp", "torch")
     assert "| 4x4 | 64 px | 2x2 windows |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_launch_count_benchmark_runs(tmp_path):
+    """Smoke run at 2 steps: every row, and the counts ordered as they must be (graphs launch fewer
+    ops than eager calls; the Triton backend fewer than the PyTorch one)."""
+    subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--steps", "2", "--out-dir", str(tmp_path),
+                    "--name", "smoke"], check=True, capture_output=True, timeout=600)
+    rows = {r["implementation"]: r for r in json.loads((tmp_path / "smoke.json").read_text())["rows"]}
+    launches = {name: r["launches_per_image"] for name, r in rows.items()}
+    torch_eager, torch_graphs = launches["xar_infer, torch backend"], launches["xar_infer, torch backend, CUDA graphs"]
+    triton_eager, triton_graphs = launches["xar_infer, triton backend"], launches["xar_infer, triton backend, CUDA graphs"]
+    assert triton_graphs < torch_graphs < triton_eager < torch_eager
+    assert rows["xar_infer, triton backend, CUDA graphs"]["ops_inside_graphs_per_image"] > triton_eager / 2
+    assert "| xar_infer, torch backend |" in (tmp_path / "smoke.md").read_text()

@@ -71,7 +71,7 @@ class _GraphedCalls:
         cell = (rows, config.tokens_per_cell, config.token_channels)
         self.x = torch.zeros(cell, dtype=model.z_proj.weight.dtype, device=device)
         self.prefix = torch.zeros_like(self.x)
-        # The time only matters when there is no modulation table (the call computes the modulation).
+        # The time is read only without a modulation table (the call then computes the modulation).
         self.t = torch.zeros(rows, dtype=torch.float64, device=device)
         # Columns of the modulation table: [time] for a later call, [0, time] for a cell's first call.
         self.time_index = torch.zeros(2, dtype=torch.long, device=device)
@@ -93,6 +93,7 @@ class _GraphedCalls:
         self.labels.copy_(labels)
         if self.table is not None:
             self.table.copy_(torch.stack(ModulationTable(self.model, labels, self.times).per_block))
+            self.time_index[0].fill_(self.column[0.0])  # a cell's first call also runs the previous cell at t=0
         self.cache.length = 0
 
     def _graph(self, rows: int, with_prefix: bool) -> _Graph:
@@ -115,14 +116,14 @@ class _GraphedCalls:
 
     def __call__(self, x: Tensor, t: float, rows: int, prefix: Tensor | None) -> Tensor:
         """As ``sampling.NetworkCalls.__call__``."""
-        B = len(x)
-        for half in range(0, rows, B):
-            self.x[half:half + B].copy_(x)
-            if prefix is not None:
-                self.prefix[half:half + B].copy_(prefix)
-        self.t[:rows].fill_(t)
-        if self.table is not None:
-            self.time_index[0].fill_(self.column[0.0])
+        # Few launches here: at batch 1 they are what is left of a call's cost besides the replay.
+        copies = rows // len(x)
+        self.x[:rows].view(copies, *x.shape).copy_(x.expand(copies, *x.shape))
+        if prefix is not None:
+            self.prefix[:rows].view(copies, *prefix.shape).copy_(prefix.expand(copies, *prefix.shape))
+        if self.table is None:
+            self.t[:rows].fill_(t)
+        else:
             self.time_index[1].fill_(self.column[t])
         start = self.cache.length
         output = self._graph(rows, prefix is not None).replay()
