@@ -27,10 +27,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from xar_infer import XARTransformer
 from xar_infer.backends import TORCH, Backend
+from xar_infer.model import TORCH_OPS, BlockOps
 from xar_infer.config import PRESETS
 from xar_infer.cuda_graphs import CUDAGraphs, _Graph
 from xar_infer.loading import released_buffers
-from xar_infer.model import cached_attention
 from xar_infer.sampling import NoiseSource, flow_step, generate_tokens
 
 HERE = Path(__file__).resolve().parent
@@ -74,23 +74,26 @@ class LaunchCounter(TorchDispatchMode):
 
 def triton_stand_ins(counter: LaunchCounter) -> Backend:
     """The Triton backend's launches without running Triton: each kernel call is one launch (plus the
-    copy its launcher makes of a strided velocity), computed by the uncounted PyTorch reference."""
+    copy the step's launcher makes of a strided velocity), computed by the uncounted PyTorch reference."""
 
-    def attention(*args):
-        with counter.paused():
-            out = cached_attention(*args).contiguous()  # the kernel writes [B, N, heads, head_dim] densely
-        if counter.in_graph:
-            counter.replayed += 1
-        else:
-            counter.launched["triton attention"] += 1
-        return out
+    def one_launch(reference, name: str):
+        def kernel(*args):
+            with counter.paused():
+                out = reference(*args).contiguous()  # the kernels write dense outputs
+            if counter.in_graph:
+                counter.replayed += 1
+            else:
+                counter.launched[f"triton {name}"] += 1
+            return out
+        return kernel
 
     def step(rule, x, velocity, *args, **kwargs):
         counter.launched["triton flow_step"] += 1 + (not velocity.is_contiguous())
         with counter.paused():
             return flow_step(rule, x, velocity, *args, **kwargs)
 
-    return Backend("triton (counted)", attention, step)
+    ops = BlockOps(*(one_launch(getattr(TORCH_OPS, f.name), f.name) for f in dataclasses.fields(BlockOps)))
+    return Backend("triton (counted)", ops, step)
 
 
 @contextmanager

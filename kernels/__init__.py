@@ -1,15 +1,16 @@
 """Triton kernels of xar_infer, installed as ``xar_infer.kernels``.
 
 Each file holds one kernel family: the ``@triton.jit`` kernel next to the Python launcher that checks
-its inputs. Each is tested against the package's own PyTorch path: ``model.cached_attention`` and
-``sampling.flow_step``; ``xar_infer.backends`` chooses between them. Kernels are compiled for CUDA, or
-run by Triton's interpreter on CPU when ``TRITON_INTERPRET=1`` is set before this package is imported.
+its inputs. Each is tested against the package's own PyTorch path: ``model.cached_attention``,
+``model.rms_norm_modulate``, ``model.gated_residual``, ``model.gelu_mul`` and ``sampling.flow_step``;
+``xar_infer.backends`` chooses between them. Kernels are compiled for CUDA, or run by Triton's interpreter on CPU when ``TRITON_INTERPRET=1`` is set before this package is imported.
 """
 
+from .adaln import gated_residual, gelu_mul, rms_norm_modulate
 from .attention import block_causal_attention
 from .flow_step import flow_step
 
-__all__ = ["block_causal_attention", "flow_step", "runs_interpreted"]
+__all__ = ["block_causal_attention", "flow_step", "gated_residual", "gelu_mul", "rms_norm_modulate", "runs_interpreted"]
 
 
 def runs_interpreted() -> bool:

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 import xar_infer.sampling
 from xar_infer.backends import resolve_backend
 from xar_infer.cuda_graphs import CUDAGraphs
-from xar_infer.model import cached_attention
+from xar_infer.model import TORCH_OPS
 from xar_infer.sampling import NoiseSource, generate_tokens, modulation_times
 
 from conftest import random_transformer
@@ -149,7 +149,7 @@ def test_a_graphed_call_needs_nothing_from_the_host(monkeypatch, table):
     times = modulation_times("sde", [3] * 4)
     x = torch.zeros(2, config.tokens_per_cell, config.token_channels, dtype=torch.float64, device="meta")
     prefix = torch.zeros(2, config.tokens_per_cell, config.token_channels, device="meta")
-    with torch.no_grad(), CUDAGraphs(capture=False).session(model, labels, times, cached_attention) as calls:
+    with torch.no_grad(), CUDAGraphs(capture=False).session(model, labels, times, TORCH_OPS) as calls:
         watch = HostTraffic("meta")
         with watch:
             calls(x, times[-1], 2, None)

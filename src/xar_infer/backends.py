@@ -1,10 +1,11 @@
 """Which implementation runs each hot op: PyTorch (the reference) or the Triton kernels.
 
-Two ops differ between backends: the attention of a step's new tokens over the KV cache (RoPE, cache
-write and block-causal softmax included), ``model.cached_attention``, and the sampler's per-step
-state update, ``sampling.flow_step``. Those torch versions define what both compute;
-``xar_infer.kernels`` holds the fused Triton ones, tested against them. ``resolve_backend`` is the one
-place that chooses.
+The ops that differ between backends are the ones inside a block (``model.BlockOps``: the attention of
+a step's new tokens over the KV cache with RoPE, cache write and block-causal softmax; the RMSNorm
+with its modulation; the gated residual; the MLP's GELU product) and the sampler's per-step state
+update, ``sampling.flow_step``. Their torch versions in ``model`` and ``sampling`` define what both
+compute; ``xar_infer.kernels`` holds the fused Triton ones, tested against them. ``resolve_backend``
+is the one place that chooses.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import Tensor
 
-from .model import cached_attention
+from .model import TORCH_OPS, BlockOps
 from .sampling import flow_step
 
 BACKENDS = ("auto", "torch", "triton")
@@ -24,14 +24,15 @@ BACKENDS = ("auto", "torch", "triton")
 
 @dataclass(frozen=True)
 class Backend:
-    """The implementations of the hot ops; ``model.cached_attention`` and ``sampling.flow_step`` define their contracts."""
+    """The implementations of the hot ops: a block's (``model.BlockOps``) and the sampler step's
+    (``sampling.flow_step`` defines its contract)."""
 
     name: str
-    attention: Callable[..., Tensor]
+    ops: BlockOps
     flow_step: Callable
 
 
-TORCH = Backend("torch", cached_attention, flow_step)
+TORCH = Backend("torch", TORCH_OPS, flow_step)
 
 
 @functools.cache  # one object, so that CUDA graphs captured with it are recognised at the next call
@@ -42,7 +43,9 @@ def _triton_backend() -> Backend:
         return kernels.block_causal_attention(q, k, v, cos, sin, cache.keys[layer], cache.values[layer],
                                               cache.length, num_commit, tokens_per_cell)
 
-    return Backend("triton", attention, kernels.flow_step)
+    ops = BlockOps(attention=attention, rms_norm_modulate=kernels.rms_norm_modulate,
+                   gated_residual=kernels.gated_residual, gelu_mul=kernels.gelu_mul)
+    return Backend("triton", ops, kernels.flow_step)
 
 
 def triton_available() -> bool:

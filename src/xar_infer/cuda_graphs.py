@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .model import AttentionFn, XARTransformer
+from .model import BlockOps, XARTransformer
 from .sampling import ModulationTable
 
 
@@ -56,13 +56,13 @@ class _Graph:
 
 
 class _GraphedCalls:
-    """Static inputs, cache and graphs for one (model, batch labels, time grid, attention) setting."""
+    """Static inputs, cache and graphs for one (model, batch labels, time grid, block ops) setting."""
 
-    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], attention: AttentionFn,
+    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops: BlockOps,
                  capture: bool):
         config, device = model.config, labels.device
         rows = len(labels)
-        self.model, self.attention, self.capture = model, attention, capture
+        self.model, self.ops, self.capture = model, ops, capture
         # A moved or re-cast model has new weight tensors, which the graphs would not read.
         self.weight_ptr, self.weight_dtype = model.z_proj.weight.data_ptr(), model.z_proj.weight.dtype
         self.times = tuple(times)
@@ -82,10 +82,10 @@ class _GraphedCalls:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[tuple[int, bool, int], _Graph] = {}
 
-    def matches(self, model: XARTransformer, labels: Tensor, times: Sequence[float], attention: AttentionFn) -> bool:
+    def matches(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops: BlockOps) -> bool:
         weight = model.z_proj.weight
         return (model is self.model and weight.data_ptr() == self.weight_ptr and weight.dtype == self.weight_dtype
-                and attention is self.attention and tuple(times) == self.times and labels.shape == self.labels.shape
+                and ops is self.ops and tuple(times) == self.times and labels.shape == self.labels.shape
                 and labels.device == self.labels.device)
 
     def refill(self, labels: Tensor) -> None:
@@ -107,7 +107,7 @@ class _GraphedCalls:
                     columns = self.time_index[:2] if with_prefix else self.time_index[1:]
                     modulations = list(self.table[:, :rows].index_select(2, columns).unbind(0))
                 return self.model(self.x[:rows], self.labels[:rows], self.t[:rows], self.cache,
-                                  prefix=self.prefix[:rows] if with_prefix else None, attention=self.attention,
+                                  prefix=self.prefix[:rows] if with_prefix else None, ops=self.ops,
                                   modulations=modulations)
 
             self.graphs[key] = _Graph(forward, self.capture, self.pool)
@@ -161,7 +161,7 @@ class CUDAGraphs:
 
     @contextmanager
     def session(self, model: XARTransformer, labels: Tensor, times: Sequence[float],
-                attention: AttentionFn) -> Iterator[_GraphedCalls]:
+                ops: BlockOps) -> Iterator[_GraphedCalls]:
         """The network calls of one generation call for the batch ``labels`` (both guidance halves)."""
         if self.capture and labels.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {labels.device.type}; "
@@ -170,9 +170,9 @@ class CUDAGraphs:
         self._lock.acquire()
         try:
             calls = self._calls
-            if calls is None or not calls.matches(model, labels, times, attention):
+            if calls is None or not calls.matches(model, labels, times, ops):
                 self._calls = None  # free the old graphs before capturing new ones
-                calls = self._calls = _GraphedCalls(model, labels, times, attention, self.capture)
+                calls = self._calls = _GraphedCalls(model, labels, times, ops, self.capture)
             calls.refill(labels)
             yield calls
         except BaseException:

@@ -10,6 +10,7 @@ Parameter names equal the released checkpoints' keys.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -53,9 +54,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if weight else None
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        out = rms_norm(x, self.eps)
         return out if self.weight is None else out * self.weight
+
+
+def rms_norm(x: Tensor, eps: float) -> Tensor:
+    """``x / rms(x)`` over the last dimension, computed in fp32, returned in ``x``'s dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+# The elementwise steps of a block, each condition applied per cell: ``scale``, ``shift`` and ``gamma``
+# are [B, cells, D] (views into the modulation), broadcast over each cell's tokens without copies.
+# They are the references for the fused kernels of ``xar_infer.kernels.adaln``.
+
+def rms_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, tokens_per_cell: int, eps: float) -> Tensor:
+    """``rms_norm(x) * (1 + scale) + shift`` for ``x`` [B, N, D], in ``x``'s dtype."""
+    B, N, D = x.shape
+    h = rms_norm(x, eps).view(B, -1, tokens_per_cell, D)
+    return (h * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).view(B, N, D)
+
+
+def gated_residual(x: Tensor, h: Tensor, gamma: Tensor, tokens_per_cell: int) -> Tensor:
+    """``x + h * gamma``: a branch's output ``h`` [B, N, D] added to the residual stream ``x``."""
+    B, N, D = x.shape
+    return x + (h.view(B, -1, tokens_per_cell, D) * gamma.unsqueeze(2)).view(B, N, D)
+
+
+def gelu_mul(gate: Tensor, value: Tensor) -> Tensor:
+    """``gelu(gate) * value`` with exact (erf) GELU: the gated MLP's hidden activation."""
+    return F.gelu(gate) * value
 
 
 def rope_frequencies(config: XARConfig) -> Tensor:
@@ -116,6 +144,20 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
 AttentionFn = Callable[..., Tensor]
 
 
+@dataclass(frozen=True)
+class BlockOps:
+    """The ops inside a block that a backend may replace with kernels (``xar_infer.backends``); these
+    defaults are the PyTorch references that define them."""
+
+    attention: AttentionFn = cached_attention
+    rms_norm_modulate: Callable[..., Tensor] = rms_norm_modulate
+    gated_residual: Callable[..., Tensor] = gated_residual
+    gelu_mul: Callable[..., Tensor] = gelu_mul
+
+
+TORCH_OPS = BlockOps()
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of an integer timestep (cos then sin), followed by a 2-layer MLP."""
 
@@ -146,10 +188,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.dim, config.dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, num_commit: int,
-                attention: AttentionFn) -> Tensor:
+                ops: BlockOps) -> Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-        out = attention(q, k, v, cos, sin, cache, layer, num_commit, self.tokens_per_cell)
+        out = ops.attention(q, k, v, cos, sin, cache, layer, num_commit, self.tokens_per_cell)
         return self.proj(out.reshape(B, N, D))
 
 
@@ -162,8 +204,8 @@ class GatedMLP(nn.Module):
         self.fc1_x = nn.Linear(config.dim, config.mlp_hidden_dim)
         self.fc2 = nn.Linear(config.mlp_hidden_dim, config.dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1_g(x)) * self.fc1_x(x))
+    def forward(self, x: Tensor, ops: BlockOps = TORCH_OPS) -> Tensor:
+        return self.fc2(ops.gelu_mul(self.fc1_g(x), self.fc1_x(x)))
 
 
 class Block(nn.Module):
@@ -179,22 +221,14 @@ class Block(nn.Module):
         self.tokens_per_cell = config.tokens_per_cell
 
     def forward(self, x: Tensor, modulation: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
-                num_commit: int, attention: AttentionFn) -> Tensor:
+                num_commit: int, ops: BlockOps) -> Tensor:
         """``modulation``: ``ada_lin`` of each cell's condition, [B, cells, 6 * dim]."""
-        B, N, D = x.shape
-        # Broadcast per cell (a view, [B, cells, 1, D]) rather than repeated per token.
-        per_cell = modulation.unsqueeze(2)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = per_cell.chunk(6, dim=-1)  # the released order
-
-        def modulate(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-            return (h.view(B, -1, self.tokens_per_cell, D) * (1 + scale) + shift).view(B, N, D)
-
-        def gate(h: Tensor, gamma: Tensor) -> Tensor:
-            return (h.view(B, -1, self.tokens_per_cell, D) * gamma).view(B, N, D)
-
-        x = x + gate(self.attn(modulate(self.norm1(x), scale1, shift1), cos, sin, cache, layer, num_commit, attention), gamma1)
-        x = x + gate(self.mlp(modulate(self.norm2(x), scale2, shift2)), gamma2)
-        return x
+        T = self.tokens_per_cell
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.chunk(6, dim=-1)  # the released order
+        h = ops.rms_norm_modulate(x, scale1, shift1, T, self.norm1.eps)
+        x = ops.gated_residual(x, self.attn(h, cos, sin, cache, layer, num_commit, ops), gamma1, T)
+        h = ops.rms_norm_modulate(x, scale2, shift2, T, self.norm2.eps)
+        return ops.gated_residual(x, self.mlp(h, ops), gamma2, T)
 
 
 class XARTransformer(nn.Module):
@@ -257,7 +291,7 @@ class XARTransformer(nn.Module):
         return [block.ada_lin(cond) for block in self.blocks]
 
     def forward(self, x: Tensor, labels: Tensor, t: Tensor, cache: KVCache, prefix: Tensor | None = None,
-                attention: AttentionFn = cached_attention, modulations: list[Tensor] | None = None) -> Tensor:
+                ops: BlockOps = TORCH_OPS, modulations: list[Tensor] | None = None) -> Tensor:
         """Velocity of the noisy cells ``x`` that follow the cache's finished cells (and ``prefix``).
 
         ``x``: [B, k * tokens_per_cell, token_channels], one cell when sampling, every cell when
@@ -265,8 +299,8 @@ class XARTransformer(nn.Module):
         (1 = noise, 0 = data), [B] for one cell or [B, k] per cell. ``prefix``: clean tokens of whole
         finished cells not cached yet (the released sampler passes the previous cell); they run at t=0.
         The input attends block-causally (a cell sees itself and earlier cells); the keys and values of
-        ``prefix`` are added to the cache, those of ``x`` are not. ``attention``: ``cached_attention`` or a
-        kernel with its contract (see ``xar_infer.backends``). ``modulations``: ``self.modulations(labels,
+        ``prefix`` are added to the cache, those of ``x`` are not. ``ops``: the PyTorch references or a
+        backend's kernels (``xar_infer.backends``). ``modulations``: ``self.modulations(labels,
         times of [prefix ; x] cells)`` if already computed. Returns [B, k * tokens_per_cell, channels].
         """
         T = self.config.tokens_per_cell
@@ -291,11 +325,11 @@ class XARTransformer(nn.Module):
         x = self.z_proj(x) + self.encoder_pos_embed_learned[:, start:start + N]
         x = self.z_proj_ln(x)
         for i, block in enumerate(self.encoder_blocks):
-            x = block(x, modulations[i], cos, sin, cache, i, num_commit, attention)
+            x = block(x, modulations[i], cos, sin, cache, i, num_commit, ops)
         x = self.encoder_norm(x)
         x = self.decoder_embed(x) + self.decoder_pos_embed_learned[:, start:start + N]
         for i, block in enumerate(self.decoder_blocks, start=self.config.encoder_depth):
-            x = block(x, modulations[i], cos, sin, cache, i, num_commit, attention)
+            x = block(x, modulations[i], cos, sin, cache, i, num_commit, ops)
         x = self.pred(self.decoder_norm(x))
 
         cache.length += num_commit

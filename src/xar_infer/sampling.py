@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .model import AttentionFn, XARTransformer
+from .model import BlockOps, XARTransformer
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -254,8 +254,8 @@ class NetworkCalls:
     ``xar_infer.cuda_graphs`` replays the same calls from captured graphs, with the same signature.
     """
 
-    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], attention: AttentionFn):
-        self.model, self.labels, self.attention = model, labels, attention
+    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops: BlockOps):
+        self.model, self.labels, self.ops = model, labels, ops
         self.cache = model.new_cache(len(labels))
         fits = ModulationTable.fits(model, len(labels), len(times))
         self.table = ModulationTable(model, labels, times) if fits else None
@@ -270,7 +270,7 @@ class NetworkCalls:
         call_times = [t] if prefix is None else [0.0, t]
         return self.model(inputs.to(dtype), self.labels[:rows], torch.full((rows,), t, dtype=x.dtype, device=x.device),
                           self.cache, prefix=None if prefix is None else torch.cat([prefix] * copies),
-                          attention=self.attention,
+                          ops=self.ops,
                           modulations=None if self.table is None else self.table.lookup(rows, call_times))
 
 
@@ -295,7 +295,7 @@ def generate_tokens(
     and caches it. With guidance the batch is doubled (conditional rows first, null class after), as
     in the released sampler, except where the unconditional half would be thrown away: the calls of
     a cell with scale <= 1 (the first cell under the linear schedule) run the conditional rows only,
-    unless they must cache the previous cell for both halves. ``backend``: the attention and step
+    unless they must cache the previous cell for both halves. ``backend``: the block ops and step
     implementations (``xar_infer.backends``; PyTorch when None). ``cuda_graphs``: replay the network
     calls from CUDA graphs (``xar_infer.cuda_graphs``) instead of running them eagerly; same result.
 
@@ -324,8 +324,8 @@ def generate_tokens(
         # An unguided call returns the conditional rows only.
         return backend.flow_step(rule, x, v, times, i, scales if len(v) > len(x) else None, **kwargs)
 
-    session = (nullcontext(NetworkCalls(model, batch_labels, times, backend.attention)) if cuda_graphs is None
-               else cuda_graphs.session(model, batch_labels, times, backend.attention))
+    session = (nullcontext(NetworkCalls(model, batch_labels, times, backend.ops)) if cuda_graphs is None
+               else cuda_graphs.session(model, batch_labels, times, backend.ops))
     cells: list[Tensor] = []
     with session as network:
         for scale, cell_steps in zip(scales, steps_per_cell):
