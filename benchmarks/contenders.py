@@ -85,10 +85,12 @@ class XARContender(Contender):
     ``interval`` (guidance interval); the last two change the outputs and are always timed in full.
     """
 
-    def __init__(self, preset_name: str, device: str, dtype: torch.dtype, backend: str = "torch", mode: str = "exact"):
+    def __init__(self, preset_name: str, device: str, dtype: torch.dtype, backend: str = "torch", mode: str = "exact",
+                 dtype_in_name: bool = False):
         preset = PRESETS[preset_name]
         self.preset, self.device, self.mode = preset, device, mode
-        self.name = f"xar_infer {preset_name} ({backend}, {mode if mode == 'exact' else mode + ', changes outputs'})"
+        precision = f"{str(dtype).removeprefix('torch.')}, " if dtype_in_name else ""
+        self.name = f"xar_infer {preset_name} ({backend}, {precision}{mode if mode == 'exact' else mode + ', changes outputs'})"
         kernels, _, extra = backend.partition("+")
         if extra not in ("", "graphs"):
             raise ValueError(f"unknown backend {backend!r}: torch or triton, optionally with +graphs")

@@ -14,8 +14,9 @@ and max(K, 4), since its sampler fails below 3 steps). The results say so wherev
 happened. The machine's dense matmul peak is measured in the same run.
 
 --backends adds xar_infer rows on other backends (xar-b+triton; +graphs replays CUDA graphs, e.g.
-triton+graphs, timed at the full step count after a capturing warm-up), --modes the opt-in modes that change
-outputs (xar-b@taper, xar-b@interval). Each rival (DiT, SiT, the official code) and each such variant
+triton+graphs, timed at the full step count after a capturing warm-up), --modes the opt-in modes that
+change outputs (xar-b@taper, xar-b@interval), and a contender such as xar-b/bf16 runs in another dtype
+than --dtype. Each rival (DiT, SiT, the official code) and each such variant
 is also timed in --paired-rounds rounds back to back with xar_infer's plain path inside one process:
 on a shared machine those ratios are the ones to quote.
 Writes NAME.json, NAME.md and NAME.png to --out-dir.
@@ -78,17 +79,26 @@ def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 5) -> dict:
 
 # ---- one measurement, in its own process ----------------------------------------------------------
 
+def split_key(key: str) -> tuple[str, str, str, str]:
+    """A contender key into (name, backend, mode, dtype), the missing parts empty:
+    "xar-b+triton+graphs@taper/bf16" -> ("xar-b", "triton+graphs", "taper", "bf16")."""
+    key, _, dtype = key.partition("/")
+    key, _, mode = key.partition("@")
+    name, _, backend = key.partition("+")
+    return name, backend, mode, dtype
+
+
 def make_contender(name: str, device: str, dtype: torch.dtype, official_repo: str | None, paired: bool):
     """The contender, and the plain xar_infer contender it is also timed against back to back (its
     xAR preset in exact mode; xar-b for DiT and SiT), or None."""
     from contenders import DiTContender, OfficialXARContender, SiTContender, XARContender
 
-    name, _, mode = name.partition("@")  # "xar-b+triton@taper": preset, backend, mode
-    preset, _, backend = name.partition("+")
+    preset, backend, mode, own_dtype = split_key(name)
     if preset in XAR_PRESETS:
-        variant = bool(backend or mode)
+        variant = bool(backend or mode or own_dtype)
         partner = XARContender(preset, device, dtype) if variant and paired else None
-        return XARContender(preset, device, dtype, backend or "torch", mode or "exact"), partner
+        return XARContender(preset, device, DTYPES[own_dtype] if own_dtype else dtype, backend or "torch",
+                            mode or "exact", dtype_in_name=bool(own_dtype)), partner
     if name.startswith("official-"):
         reference = XARContender(name.removeprefix("official-"), device, dtype)
         return OfficialXARContender(official_repo, name.removeprefix("official-"), reference), reference
@@ -141,7 +151,9 @@ def measure(spec: dict) -> dict:
             result["max_abs_diff_vs_xar_infer"] = (latents.float() - ours.float()).abs().max().item()
         if partner is not None and spec.get("paired_rounds", 0) > 0:
             # Which one is xar_infer's side: the plain path against a rival, a variant against the plain path.
-            xar, rival = (contender, partner) if "@" in spec["contender"] or "+" in spec["contender"] else (partner, contender)
+            name, *variation = split_key(spec["contender"])
+            is_variant = name in XAR_PRESETS and any(variation)
+            xar, rival = (contender, partner) if is_variant else (partner, contender)
             result["paired"] = {
                 "xar_infer": xar.name, "versus": rival.name,
                 "generate_speedups": [round_seconds(rival, batch, spec["max_steps"], device)
@@ -233,9 +245,9 @@ def ratios(rows: list[dict]) -> list[dict]:
     """Per batch size: how many times faster each xar_infer row is than DiT, SiT, the official code and
     (for the Triton rows) our plain PyTorch path."""
     out = []
-    for row in (r for r in rows if r["key"].partition("@")[0].partition("+")[0] in XAR_PRESETS):
-        # Rivals of a variant (another backend or mode) include our plain exact PyTorch path.
-        preset = row["key"].partition("@")[0].partition("+")[0]
+    for row in (r for r in rows if split_key(r["key"])[0] in XAR_PRESETS):
+        # Rivals of a variant (another backend, mode or dtype) include our plain exact PyTorch path.
+        preset = split_key(row["key"])[0]
         rivals = {"dit", "sit", f"official-{preset}"} | ({preset} if row["key"] != preset else set())
         for other in (o for o in rows if o["batch"] == row["batch"] and o["key"] in rivals):
             out.append({
@@ -294,7 +306,9 @@ def main(argv=None) -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
     started = time.time()
-    peak = matmul_peak(args.device, DTYPES[dtype])
+    # A matmul peak for each dtype that runs: a row's fraction of peak is against its own dtype's.
+    row_dtypes = {name: split_key(name)[3] or dtype for name in contenders}
+    peaks = {d: matmul_peak(args.device, DTYPES[d]) for d in dict.fromkeys([dtype, *row_dtypes.values()])}
     rows = []
     for batch in batches:
         for name in contenders:
@@ -302,7 +316,8 @@ def main(argv=None) -> None:
                     "max_steps": args.max_steps, "repeats": args.repeats, "official_repo": args.official_repo,
                     "paired_rounds": paired_rounds}
             row = run_in_subprocess(spec)
-            add_derived_figures(row, peak["flops_per_s"])
+            row["dtype"] = row_dtypes[name]
+            add_derived_figures(row, peaks[row["dtype"]]["flops_per_s"])
             rows.append(row)
             print(f"{row['contender']:<38} batch {batch:>3}: {row['end_to_end_seconds_per_image']:8.2f} s/image end to end"
                   f"{' (extrapolated from ' + str(row['timed_steps']) + ' steps)' if row['extrapolated'] else ''}", flush=True)
@@ -312,7 +327,8 @@ def main(argv=None) -> None:
         "settings": {"device": args.device, "dtype": dtype, "batch_sizes": batches, "max_steps": args.max_steps,
                      "repeats": args.repeats, "paired_rounds": paired_rounds, "quick": args.quick, "contenders": contenders, "backends": backends, "modes": modes,
                      "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])])},
-        "matmul_peak": peak,
+        "matmul_peak": peaks[dtype],
+        "other_matmul_peaks": [peak for d, peak in peaks.items() if d != dtype],
         "rows": rows,
         "ratios": ratios(rows),
         "wall_seconds": time.time() - started,

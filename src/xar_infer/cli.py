@@ -180,7 +180,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
                             f"(default {DEFAULT_TILE_OVERLAP}): bounds the decoder's memory, at a small cost in fidelity")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--dtype", choices=DTYPES, default="fp32", help="transformer precision (default: fp32)")
+    model.add_argument("--dtype", choices=DTYPES, default="fp32",
+                       help="transformer precision (default: fp32, the exact one); bf16 is the fast one on GPUs and on "
+                            "CPUs with bfloat16 instructions; fp16 is very slow on most CPUs")
     model.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="kernels: triton (fused, CUDA), torch, or auto (triton on CUDA if installed; default)")
     model.add_argument("--cuda-graphs", action="store_true",

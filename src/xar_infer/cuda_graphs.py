@@ -128,7 +128,7 @@ class _GraphedCalls:
         start = self.cache.length
         output = self._graph(rows, prefix is not None).replay()
         self.cache.length = start + (0 if prefix is None else prefix.shape[1])
-        # The next replay overwrites the graph's output.
+        # The graphs share one memory pool, so the next replay of any of them may overwrite this output.
         return output.clone()
 
 
