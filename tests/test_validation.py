@@ -132,7 +132,8 @@ def test_fp16_overflow_is_reported_with_the_fix(tiny_checkpoint, tiny_vae_checkp
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         pipe.transformer.pred.weight.mul_(1e6)  # outputs far beyond fp16 range (65504)
-    with pytest.raises(NumericalError, match=r"inf or NaN, computed in float16; use dtype=torch.bfloat16"):
+    with pytest.raises(NumericalError, match=r"inf or NaN, computed in float16; use dtype=torch.bfloat16"), \
+            pytest.warns(UserWarning, match="float16 matrix products are very slow"):
         _call(pipe, num_inference_steps=2, guidance_scale=2.0)
     # The CLI: one line, nothing written.
     from xar_infer import cli
@@ -144,6 +145,8 @@ def test_fp16_overflow_is_reported_with_the_fix(tiny_checkpoint, tiny_vae_checkp
                               "--steps", "2", "--device", "cpu", "--quiet", "--output", str(tmp_path / "out")])
     finally:
         cli.load_pipeline = original
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "bfloat16" in err
+    # One error line, after the one-line warning that float16 is slow on CPU.
+    *warnings_, error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and error.startswith("xar-generate: error:") and "bfloat16" in error
+    assert [w.split(":")[1] for w in warnings_] == [" warning"] and "float16 matrix products" in warnings_[0]
     assert not list((tmp_path / "out").glob("*.png"))

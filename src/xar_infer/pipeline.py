@@ -220,7 +220,7 @@ def check_finite(values: torch.Tensor, what: str, dtype: torch.dtype) -> None:
     """Refuse to return inf/NaN, which would silently become black or saturated images."""
     if not torch.isfinite(values).all():
         bad = (~torch.isfinite(values)).flatten(1).any(1).nonzero().flatten().tolist()
-        advice = ("use dtype=torch.bfloat16 (same speed, fp32's range) or torch.float32"
+        advice = ("use dtype=torch.bfloat16 (float32's range in half the bytes) or torch.float32"
                   if dtype == torch.float16 else "check the weights; try dtype=torch.float32")
         raise NumericalError(f"the {what} of image(s) {bad} hold inf or NaN, computed in {str(dtype).removeprefix('torch.')}; {advice}")
 
