@@ -24,25 +24,25 @@ SQRT_HALF = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
-def _rms_norm_modulate_kernel(X, SCALE, SHIFT, OUT, stride_mb, stride_mc, num_tokens, tokens_per_cell, dim, eps,
-                              BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)  # one token: b * num_tokens + n
-    b = row // num_tokens
-    cell = (row % num_tokens) // tokens_per_cell
+def _rms_norm_modulate_kernel(X, SCALE, SHIFT, OUT, stride_mb, stride_mc, num_rows, num_tokens, tokens_per_cell, dim,
+                              eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # tokens: b * num_tokens + n
+    b = rows // num_tokens
+    cell = (rows % num_tokens) // tokens_per_cell
     offs = tl.arange(0, BLOCK_D)
-    mask = offs < dim
-    x = tl.load(X + row * dim + offs, mask=mask, other=0.0)
+    mask = (rows < num_rows)[:, None] & (offs < dim)[None, :]
+    x = tl.load(X + rows[:, None] * dim + offs[None, :], mask=mask, other=0.0)
     dtype = x.dtype
     xf = x.to(tl.float32)
-    mean_square = tl.sum(xf * xf, axis=0) / dim
-    normed = (xf * (1.0 / tl.sqrt_rn(mean_square + eps))).to(dtype)
-    condition = b * stride_mb + cell * stride_mc + offs
+    mean_square = tl.sum(xf * xf, axis=1) / dim
+    normed = (xf * (1.0 / tl.sqrt_rn(mean_square + eps))[:, None]).to(dtype)
+    condition = (b * stride_mb + cell * stride_mc)[:, None] + offs[None, :]
     scale = tl.load(SCALE + condition, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(SHIFT + condition, mask=mask, other=0.0).to(tl.float32)
     one_plus_scale = (1.0 + scale).to(dtype)
     out = (normed.to(tl.float32) * one_plus_scale.to(tl.float32)).to(dtype)
     out = (out.to(tl.float32) + shift).to(dtype)
-    tl.store(OUT + row * dim + offs, out, mask=mask)
+    tl.store(OUT + rows[:, None] * dim + offs[None, :], out, mask=mask)
 
 
 @triton.jit
@@ -104,9 +104,13 @@ def rms_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
         raise ValueError("scale and shift must have one layout")
     B, N, D = x.shape
     out = torch.empty_like(x)
+    block_d = triton.next_power_of_2(D)
+    # Whole rows per program, several when they are short (about 8k elements a program).
+    block_m = max(1, min(64, 8192 // block_d))
     if out.numel():
-        _rms_norm_modulate_kernel[(B * N,)](x, scale, shift, out, scale.stride(0), scale.stride(1), N, tokens_per_cell,
-                                            D, eps, BLOCK_D=triton.next_power_of_2(D), **_LAUNCH)
+        _rms_norm_modulate_kernel[(triton.cdiv(B * N, block_m),)](
+            x, scale, shift, out, scale.stride(0), scale.stride(1), B * N, N, tokens_per_cell, D, eps,
+            BLOCK_M=block_m, BLOCK_D=block_d, **_LAUNCH)
     return out
 
 
