@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from xar_infer import XARTransformer
 from xar_infer.backends import TORCH, Backend
 from xar_infer.model import TORCH_OPS, BlockOps
-from xar_infer.config import PRESETS
+from xar_infer.config import PRESETS, _official_mlp_hidden
 from xar_infer.cuda_graphs import CUDAGraphs, _Graph
 from xar_infer.loading import released_buffers
 from xar_infer.sampling import NoiseSource, flow_step, generate_tokens
@@ -47,7 +47,13 @@ class LaunchCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.launched, self.replayed, self.graph_replays = Counter(), 0, 0
-        self.in_graph = False
+        self.in_graph, self.counting = False, True
+
+    def count(self, name: str, launches: int = 1) -> None:
+        if self.in_graph:
+            self.replayed += launches
+        else:
+            self.launched[name] += launches
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # Views launch nothing, nor does allocating (empty*); the stand-ins for Triton count themselves.
@@ -55,13 +61,8 @@ class LaunchCounter(TorchDispatchMode):
         # time grid, which is a host tensor on a GPU too.
         name = func.overloadpacket.__name__
         if not is_view(func) and not name.startswith("empty") and name != "_local_scalar_dense" and self.counting:
-            if self.in_graph:
-                self.replayed += 1
-            else:
-                self.launched[name] += 1
+            self.count(name)
         return func(*args, **(kwargs or {}))
-
-    counting = True
 
     @contextmanager
     def paused(self):
@@ -80,15 +81,12 @@ def triton_stand_ins(counter: LaunchCounter) -> Backend:
         def kernel(*args):
             with counter.paused():
                 out = reference(*args).contiguous()  # the kernels write dense outputs
-            if counter.in_graph:
-                counter.replayed += 1
-            else:
-                counter.launched[f"triton {name}"] += 1
+            counter.count(f"triton {name}")
             return out
         return kernel
 
     def step(rule, x, velocity, *args, **kwargs):
-        counter.launched["triton flow_step"] += 1 + (not velocity.is_contiguous())
+        counter.count("triton flow_step", 1 + (not velocity.is_contiguous()))
         with counter.paused():
             return flow_step(rule, x, velocity, *args, **kwargs)
 
@@ -118,7 +116,8 @@ def graph_replays_counted(counter: LaunchCounter):
 
 def narrow(config):
     """The preset's depth with a narrow width: the same ops, far fewer FLOPs."""
-    return dataclasses.replace(config, dim=96, num_heads=4, mlp_hidden_dim=int(96 * 4 * 2 / 3))  # the official ratio
+    # The presets' MLP width, as the official constructor derives it (so that its model loads our weights).
+    return dataclasses.replace(config, dim=96, num_heads=4, mlp_hidden_dim=_official_mlp_hidden(96))
 
 
 def count_xar_infer(preset_name: str, batch: int, steps: int, triton: bool, graphs: bool) -> LaunchCounter:

@@ -3,7 +3,8 @@
 Each file holds one kernel family: the ``@triton.jit`` kernel next to the Python launcher that checks
 its inputs. Each is tested against the package's own PyTorch path: ``model.cached_attention``,
 ``model.rms_norm_modulate``, ``model.gated_residual``, ``model.gelu_mul`` and ``sampling.flow_step``;
-``xar_infer.backends`` chooses between them. Kernels are compiled for CUDA, or run by Triton's interpreter on CPU when ``TRITON_INTERPRET=1`` is set before this package is imported.
+``xar_infer.backends`` chooses between them. Kernels are compiled for CUDA, or run by Triton's
+interpreter on CPU when ``TRITON_INTERPRET=1`` is set before this package is imported.
 """
 
 from .adaln import gated_residual, gelu_mul, rms_norm_modulate

@@ -64,7 +64,7 @@ class _GraphedCalls:
         rows = len(labels)
         self.model, self.ops, self.capture = model, ops, capture
         # A moved or re-cast model has new weight tensors, which the graphs would not read.
-        self.weight_ptr, self.weight_dtype = model.z_proj.weight.data_ptr(), model.z_proj.weight.dtype
+        self.weight_ptr = model.z_proj.weight.data_ptr()
         self.times = tuple(times)
         self.labels = labels.clone()
         self.cache = model.new_cache(rows)
@@ -84,7 +84,7 @@ class _GraphedCalls:
 
     def matches(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops: BlockOps) -> bool:
         weight = model.z_proj.weight
-        return (model is self.model and weight.data_ptr() == self.weight_ptr and weight.dtype == self.weight_dtype
+        return (model is self.model and weight.data_ptr() == self.weight_ptr and weight.dtype == self.x.dtype
                 and ops is self.ops and tuple(times) == self.times and labels.shape == self.labels.shape
                 and labels.device == self.labels.device)
 
