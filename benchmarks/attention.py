@@ -1,6 +1,7 @@
 """Microbenchmark: xar_infer's block-causal attention kernel against SDPA and FlexAttention.
 
     python benchmarks/attention.py                      # CUDA, bf16, the xAR-B and xAR-H shapes
+    python benchmarks/attention.py --sweep --batch-sizes 2,512   # the kernel's launch configurations
     TRITON_INTERPRET=1 python benchmarks/attention.py --device cpu --dtype fp32 --batch-sizes 1 --repeats 1 --name smoke
 
 For each model shape, batch (rows of the doubled batch) and call kind (a cell's first step: 128 new
@@ -29,6 +30,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+import triton
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,8 +79,12 @@ def case(heads: int, head_dim: int, batch: int, cache_len: int, first: bool, dev
     keys, values = cache.keys[0][:, :, :end], cache.values[0][:, :, :end]
     mask = block_causal_mask(T, cache_len, num_new).to(device) if first else None
 
+    def triton_call():
+        return block_causal_attention(q, k, v, cos, sin, cache.keys[0], cache.values[0], cache_len, num_commit, T)
+
+    triton_call.inputs = (q, k, v, cos, sin, cache.keys[0], cache.values[0], num_commit)
     runs = {
-        "triton": lambda: block_causal_attention(q, k, v, cos, sin, cache.keys[0], cache.values[0], cache_len, num_commit, T),
+        "triton": triton_call,
         "torch path": lambda: cached_attention(q, k, v, cos, sin, cache, 0, num_commit, T),
         "sdpa": lambda: F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask).transpose(1, 2),
     }
@@ -94,6 +100,55 @@ def case(heads: int, head_dim: int, batch: int, cache_len: int, first: bool, dev
     return runs
 
 
+SWEEP = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
+         for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for st in (1, 2, 3)]
+
+
+def sweep(args, dtype: torch.dtype, dtype_name: str) -> None:
+    """Times the kernel under every launch configuration in SWEEP (those that fit the GPU) against
+    ``launch_config``'s choice, at cache length 128: the data for choosing ``launch_config``."""
+    from xar_infer.kernels.attention import block_causal_attention, launch_config
+
+    rows = []
+    with torch.inference_mode():
+        for model in args.models.split(","):
+            heads, head_dim = SHAPES[model]
+            for batch in map(int, args.batch_sizes.split(",")):
+                for first in (True, False):
+                    runs = case(heads, head_dim, batch, 128, first, args.device, dtype)
+                    expected = runs["sdpa"]().float()
+                    q, k, v, cos, sin, cache_k, cache_v, num_commit = runs["triton"].inputs
+                    num_new = q.shape[1]
+                    chosen = launch_config(num_new, head_dim, dtype, batch * heads)
+                    times = {}
+                    for config in [chosen] + [c for c in SWEEP if c["BLOCK_M"] <= max(64, num_new) and c != chosen]:
+                        def call(config=config):
+                            return block_causal_attention(q, k, v, cos, sin, cache_k, cache_v, 128, num_commit, T, config)
+                        try:
+                            if (call().float() - expected).abs().max().item() > 2e-2:
+                                raise SystemExit(f"config {config} gives wrong results")
+                        except triton.runtime.errors.OutOfResources:
+                            continue
+                        times[json.dumps(config)] = 1e6 * timed_median(call, args.device, args.repeats)
+                    best = min(times, key=times.get)
+                    row = {"model": model, "batch": batch, "step": "first" if first else "later",
+                           "chosen": chosen, "chosen us": times[json.dumps(chosen)], "best": json.loads(best),
+                           "best us": times[best], "all us": times}
+                    rows.append(row)
+                    print(f"{model} batch {batch} {row['step']}: chosen {row['chosen us']:.1f} us, best {row['best us']:.1f} us "
+                          f"with {best}", flush=True)
+    name = args.name or f"attention-sweep-{args.device.split(':')[0]}-{dtype_name}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU (Triton interpreter)"
+    (args.out_dir / f"{name}.json").write_text(json.dumps({"device": device_name, "dtype": dtype_name, "rows": rows}, indent=2) + "\n")
+    lines = [f"# Attention launch configurations: {device_name}, {dtype_name}, cache length 128", "",
+             "| model | batch | step | chosen | us | best | us |", "|---|---:|---|---|---:|---|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['step']} | {r['chosen']} | {r['chosen us']:.1f} | {r['best']} "
+                     f"| {r['best us']:.1f} |")
+    (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -104,9 +159,12 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--sweep", action="store_true", help="time the kernel's launch configurations instead (CUDA)")
     args = parser.parse_args(argv)
     dtype_name = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     dtype = DTYPES[dtype_name]
+    if args.sweep:
+        return sweep(args, dtype, dtype_name)
     tolerance = 2e-5 if dtype == torch.float32 else 2e-2
 
     rows = []

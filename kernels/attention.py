@@ -117,9 +117,25 @@ def _block_causal_attention_kernel(
         tl.store(cache_v + rows, v_new, mask=commit_mask[:, None] & d_mask[None, :])
 
 
+def launch_config(num_new: int, head_dim: int, dtype: torch.dtype, batch_heads: int) -> dict:
+    """Tile sizes, warps and pipeline stages, from a sweep on an H100 (benchmarks/results/
+    h100-attention-sweep-bf16.md, xAR-B shapes, bf16): one stage (the loops are a few tiles long, so
+    prefetching buys nothing and its shared memory costs occupancy); with few (batch, head) programs,
+    long key tiles and 8 warps (fewer, larger steps: latency); with many, shorter key tiles (4 warps,
+    more programs resident). Wide rows (fp32, or more than 64 channels) keep tiles of 64 rows so the
+    fp32 accumulator stays in registers."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    wide = block_d * (4 if dtype == torch.float32 else 2) > 128  # bytes per row
+    block_m = 128 if num_new >= 128 and not wide else min(64, max(16, triton.next_power_of_2(num_new)))
+    if batch_heads < 1024:
+        block_n = 64 if wide else 128
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8 if block_n == 128 else 4, "num_stages": 1}
+    return {"BLOCK_M": block_m, "BLOCK_N": 64 if num_new > 64 else 32, "num_warps": 4, "num_stages": 1}
+
+
 def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            cache_k: torch.Tensor, cache_v: torch.Tensor, cache_len: int, num_commit: int,
-                           tokens_per_cell: int) -> torch.Tensor:
+                           tokens_per_cell: int, config: dict | None = None) -> torch.Tensor:
     """Attention of ``N`` new tokens over ``cache_len`` cached ones and themselves, block-causal by cell.
 
     ``q, k, v``: [B, N, heads, head_dim], not yet rotated, any strides with a unit last one (e.g. views
@@ -127,6 +143,7 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     positions. ``cache_k, cache_v``: [B_cache >= B, heads, max_len, head_dim]; rows ``[0, cache_len)``
     are read, the rotated keys/values of new tokens ``[0, num_commit)`` are written at
     ``[cache_len, cache_len + num_commit)``. ``N`` is a whole number of cells. Returns [B, N, heads, head_dim].
+    ``config`` overrides ``launch_config``'s choice (for tuning; see benchmarks/attention.py --sweep).
     """
     B, N, H, D = q.shape
     if k.shape != q.shape or v.shape != q.shape:
@@ -149,8 +166,8 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         raise ValueError("the last dimension of q, k, v, the cache and the RoPE tables must be contiguous")
 
     out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
-    block_m = 64 if N >= 64 else max(16, triton.next_power_of_2(N))
-    grid = (triton.cdiv(N, block_m), B * H)
+    config = config or launch_config(N, D, q.dtype, B * H)
+    grid = (triton.cdiv(N, config["BLOCK_M"]), B * H)
     _block_causal_attention_kernel[grid](
         q, k, v, cos, sin, cache_k, cache_v, out,
         q.stride(0), q.stride(1), q.stride(2),
@@ -160,8 +177,11 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         out.stride(0), out.stride(1), out.stride(2),
         cos.stride(0),
         H, N, cache_len, num_commit, tokens_per_cell, math.log2(math.e) / math.sqrt(D),
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=64,
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         # fp32 models stay exact: no TF32 in the products.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # No fused multiply-adds: the rotated keys written to the cache must round as the reference's do.
+        enable_fp_fusion=False,
+        **config,
     )
     return out

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")  # a Linux dependency; the rest of the package works without it
 
 from xar_infer.kernels import block_causal_attention, flow_step, gated_residual, gelu_mul, rms_norm_modulate  # noqa: E402
+from xar_infer.kernels.attention import launch_config  # noqa: E402
 from xar_infer.model import KVCache, apply_rope, block_causal_mask, cached_attention, rms_norm  # noqa: E402
 from xar_infer.model import gated_residual as gated_residual_ref  # noqa: E402
 from xar_infer.model import gelu_mul as gelu_mul_ref  # noqa: E402
@@ -60,9 +61,11 @@ def _truth(q, k, v, cos, sin, cache, batch):
 @pytest.mark.parametrize("head_dim", [16, 64, 80])
 @pytest.mark.parametrize("cache_len", [0, 64, 128, 192])
 @pytest.mark.parametrize("step", ["first", "later"])
-def test_attention_matches_reference(dtype, head_dim, cache_len, step):
+@pytest.mark.parametrize("programs", ["few", "many"])
+def test_attention_matches_reference(dtype, head_dim, cache_len, step, programs):
     """Both query shapes: the first step of a cell ([previous clean cell ; noisy cell], commits the clean
-    one) and every later step (one cell, commits nothing). Odd batch, strided q/k/v from one qkv tensor."""
+    one) and every later step (one cell, commits nothing). Odd batch, strided q/k/v from one qkv tensor.
+    Both families of launch configuration: for few (batch, head) programs and for many."""
     torch.manual_seed(head_dim + cache_len)
     batch, heads = 3, 2
     num_new, num_commit = (2 * T, T) if step == "first" else (T, 0)
@@ -77,7 +80,9 @@ def test_attention_matches_reference(dtype, head_dim, cache_len, step):
     kernel_cache.values[0][:, :, :cache_len] = reference_cache.values[0][:, :, :cache_len]
     before_k, before_v = kernel_cache.keys[0].clone(), kernel_cache.values[0].clone()
 
-    out = block_causal_attention(q, k, v, cos, sin, kernel_cache.keys[0], kernel_cache.values[0], cache_len, num_commit, T)
+    config = launch_config(num_new, head_dim, dtype, batch_heads=batch * heads if programs == "few" else 4096)
+    out = block_causal_attention(q, k, v, cos, sin, kernel_cache.keys[0], kernel_cache.values[0], cache_len, num_commit, T,
+                                 config)
     expected = cached_attention(q, k, v, cos, sin, reference_cache, 0, num_commit, T)
     truth = _truth(q, k, v, cos, sin, reference_cache, batch)
 
