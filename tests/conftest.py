@@ -12,6 +12,8 @@ import torch
 # kernels are imported (at decoration time). With a GPU they compile for it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Where pipeline-level tests of the Triton backend run: compiled kernels need CUDA tensors.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 from xar_infer.config import XARConfig
 from xar_infer.loading import released_buffers
@@ -43,6 +45,7 @@ def random_transformer(config: XARConfig = TINY_CONFIG, seed: int = 0) -> XARTra
         for name, p in model.named_parameters():
             is_norm = name.endswith(("_ln.weight", "_norm.weight"))
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if is_norm else 0.0))
+    model.load_state_dict(model.state_dict())  # zero again the units that pad an MLP width (model.GatedMLP)
     return model.eval()
 
 

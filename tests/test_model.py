@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from xar_infer.config import PRESETS, XARConfig, infer_config
 from xar_infer.model import XARTransformer, apply_rope, block_causal_mask, rope_tables
@@ -17,7 +18,8 @@ from conftest import TINY_CONFIG, random_transformer, released_state_dict
 def test_preset_parameter_counts_match_the_paper(name, millions):
     with torch.device("meta"):
         model = XARTransformer(PRESETS[name].config)
-    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+    # Counted in the released format: the zero units that pad xAR-L's and xAR-H's MLP width are not weights.
+    assert round(sum(t.numel() for t in model.state_dict().values()) / 1e6, 1) == millions
 
 
 @pytest.mark.parametrize("name", [name for name, preset in PRESETS.items() if preset.hub_filename])
@@ -201,3 +203,34 @@ def test_noisy_context_is_conditioned_per_cell(model64):
     assert torch.allclose(base[:, :T], later_cell1[:, :T], **EXACT)
     assert (base[:, T:] - later_cell1[:, T:]).abs().max() > 1e-4
     assert (base[:, :T] - later_cell0[:, :T]).abs().max() > 1e-4
+
+
+def test_padded_mlp_width_is_exact_and_invisible_in_state_dicts(tmp_path):
+    """A width that is not a multiple of 8 (170, as in the official tiny checkpoint) runs padded with
+    zero units: the outputs are those of the released width, in float64 to 1e-12 (summation order
+    only), and state dicts keep the released shapes both ways."""
+    from xar_infer.loading import load_local, save_model_dir
+    from xar_infer.model import TORCH_OPS, GatedMLP
+
+    config = XARConfig(dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_hidden_dim=170)
+    mlp = GatedMLP(config).double()
+    assert mlp.fc1_g.weight.shape == (176, 32) and mlp.fc2.weight.shape == (32, 176)
+    g = torch.Generator().manual_seed(0)
+    released = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in mlp.state_dict().items()}
+    assert released["fc1_g.weight"].shape == (170, 32) and released["fc2.weight"].shape == (32, 170)
+    mlp.load_state_dict(released)
+    for t in (mlp.fc1_g.weight[170:], mlp.fc1_x.bias[170:], mlp.fc2.weight[:, 170:]):
+        assert not t.any()
+    x = torch.randn(3, 5, 32, generator=g, dtype=torch.float64)
+    r = released
+    expected = F.linear(F.gelu(F.linear(x, r["fc1_g.weight"], r["fc1_g.bias"])) * F.linear(x, r["fc1_x.weight"], r["fc1_x.bias"]),
+                        r["fc2.weight"], r["fc2.bias"])
+    torch.testing.assert_close(mlp(x, TORCH_OPS), expected, rtol=0, atol=1e-12)
+    assert all(torch.equal(mlp.state_dict()[k], v) for k, v in released.items())
+
+    # Saved in our format and loaded back: released shapes in the file, the same model after.
+    model = random_transformer(config)
+    save_model_dir(model, tmp_path, num_inference_steps=4, guidance_scale=2.0)
+    loaded = load_local(tmp_path).model
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert not loaded.encoder_blocks[0].mlp.fc1_g.weight[170:].any()

@@ -195,14 +195,52 @@ class Attention(nn.Module):
         return self.proj(out.reshape(B, N, D))
 
 
+# Tensor cores need rows of a multiple of 8 elements (16 bytes in bf16). xAR-L's and xAR-H's MLP widths
+# (2730, 3413) are not, and cuBLAS then falls back to an older kernel: on an H100 it took 62% of xAR-L's
+# time at batch 256 (benchmarks/results/h100-profile-xar-l-b256-triton.md).
+MLP_WIDTH_MULTIPLE = 8
+
+
 class GatedMLP(nn.Module):
-    """``fc2(gelu(fc1_g(x)) * fc1_x(x))`` with exact (erf) GELU."""
+    """``fc2(gelu(fc1_g(x)) * fc1_x(x))`` with exact (erf) GELU.
+
+    The hidden width is padded to a multiple of ``MLP_WIDTH_MULTIPLE`` with units whose weights are
+    zero: their gelu(0) * 0 = 0 meets zero columns of fc2, so the outputs are those of the released
+    width. State dicts keep the released shapes: loading pads, saving trims.
+    """
 
     def __init__(self, config: XARConfig):
         super().__init__()
-        self.fc1_g = nn.Linear(config.dim, config.mlp_hidden_dim)
-        self.fc1_x = nn.Linear(config.dim, config.mlp_hidden_dim)
-        self.fc2 = nn.Linear(config.mlp_hidden_dim, config.dim)
+        self.hidden_dim = config.mlp_hidden_dim
+        padded = -(-self.hidden_dim // MLP_WIDTH_MULTIPLE) * MLP_WIDTH_MULTIPLE
+        self.fc1_g = nn.Linear(config.dim, padded)
+        self.fc1_x = nn.Linear(config.dim, padded)
+        self.fc2 = nn.Linear(padded, config.dim)
+        if padded != self.hidden_dim:
+            with torch.no_grad():
+                for t in (self.fc1_g.weight, self.fc1_g.bias, self.fc1_x.weight, self.fc1_x.bias):
+                    t[self.hidden_dim:] = 0
+                self.fc2.weight[:, self.hidden_dim:] = 0
+            self.register_load_state_dict_pre_hook(self._pad_loaded)
+            self.register_state_dict_post_hook(self._trim_saved)
+
+    @staticmethod
+    def _pad_loaded(module, state_dict, prefix, *args) -> None:
+        """Released-width tensors in ``state_dict`` get the zero units appended."""
+        extra = module.fc2.in_features - module.hidden_dim
+        for name in ("fc1_g.weight", "fc1_g.bias", "fc1_x.weight", "fc1_x.bias", "fc2.weight"):
+            t = state_dict.get(prefix + name)
+            dim = -1 if name == "fc2.weight" else 0
+            if t is not None and t.shape[dim] == module.hidden_dim:
+                pad = [0, 0] * (t.dim() - 1 - (dim % t.dim())) + [0, extra]  # F.pad lists the last dimension first
+                state_dict[prefix + name] = F.pad(t, pad)
+
+    @staticmethod
+    def _trim_saved(module, state_dict, prefix, local_metadata) -> None:
+        """The zero units are not part of the released format."""
+        for name in ("fc1_g.weight", "fc1_g.bias", "fc1_x.weight", "fc1_x.bias"):
+            state_dict[prefix + name] = state_dict[prefix + name][:module.hidden_dim]
+        state_dict[prefix + "fc2.weight"] = state_dict[prefix + "fc2.weight"][:, :module.hidden_dim].contiguous()
 
     def forward(self, x: Tensor, ops: BlockOps = TORCH_OPS) -> Tensor:
         return self.fc2(ops.gelu_mul(self.fc1_g(x), self.fc1_x(x)))
