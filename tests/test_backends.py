@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import torch
 from xar_infer import XARPipeline
 from xar_infer.backends import TORCH, resolve_backend
 from xar_infer.cli import generate_main
+
+from conftest import TRITON_DEVICE
 
 
 def test_auto_is_torch_without_cuda():
@@ -52,7 +55,7 @@ def _latents(pipe, sampler):
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(i) for i in range(3)]
     return pipe([1, 2, 3], num_inference_steps=3, guidance_scale=2.0, sampler=sampler, generator=generators,
-                output_type="latent").images
+                output_type="latent").images.cpu()
 
 
 @pytest.mark.triton
@@ -62,8 +65,8 @@ def test_triton_pipeline_matches_torch(tiny_checkpoint, sampler):
     the reference by ~1e-6 per call; the random tiny model amplifies that over 12 sequential calls to
     a measured 4.5e-5 (sde) / 1e-5 (ode) on latents of size ~7; the bound is 4x the worst. The parity
     fixture test holds the triton path to the official tokens directly."""
-    torch_latents = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="torch"), sampler)
-    triton_latents = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="triton"), sampler)
+    torch_latents = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="torch", device=TRITON_DEVICE), sampler)
+    triton_latents = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="triton", device=TRITON_DEVICE), sampler)
     assert (torch_latents - triton_latents).abs().max().item() <= 2e-4
 
 
@@ -71,9 +74,10 @@ def test_triton_pipeline_matches_torch(tiny_checkpoint, sampler):
 def test_triton_pipeline_in_fp16(tiny_checkpoint):
     """fp16 weights, cache and attention: as close to the fp16 PyTorch path as fp16 is to fp32 (the
     bound of test_pipeline's reduced-precision test)."""
-    with pytest.warns(UserWarning, match="float16 matrix products"):  # the pipelines are on the CPU
-        a = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="torch", dtype=torch.float16), "sde")
-        b = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="triton", dtype=torch.float16), "sde")
+    on_cpu = TRITON_DEVICE == "cpu"
+    with pytest.warns(UserWarning, match="float16 matrix products") if on_cpu else contextlib.nullcontext():
+        a = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="torch", dtype=torch.float16, device=TRITON_DEVICE), "sde")
+        b = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="triton", dtype=torch.float16, device=TRITON_DEVICE), "sde")
     assert torch.isfinite(b).all()
     assert ((a - b).norm() / a.norm()).item() < 0.03
 
