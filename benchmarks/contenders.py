@@ -40,6 +40,7 @@ def build_on(device: str, dtype: torch.dtype, make) -> torch.nn.Module:
         module = make()
     module = module.to_empty(device="cpu")
     fill_pseudo_random(module)
+    module.load_state_dict(module.state_dict())  # zero again the units that pad an MLP width (model.GatedMLP)
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -237,7 +238,7 @@ class OfficialXARContender(Contender):
         if reference.device == "cpu":  # the official code calls .cuda() throughout
             torch.Tensor.cuda = lambda self, *args, **kwargs: self
         constructor = {"xar-b": official.xar_base, "xar-l": official.xar_large, "xar-h": official.xar_huge}[preset_name]
-        self.model = constructor().to(reference.device).eval()
+        self.model = constructor().to(reference.device).eval()  # fp32, as the official code keeps it
         weights = {**reference.pipe.transformer.state_dict(), **released_buffers(reference.preset.config)}
         self.model.load_state_dict(weights, strict=True)
         self.reference = reference
@@ -248,7 +249,11 @@ class OfficialXARContender(Contender):
     def generate(self, batch: int, steps: int) -> torch.Tensor:
         torch.manual_seed(0)
         labels = torch.arange(batch, device=self.reference.device)
-        with torch.no_grad():
+        # The official evaluation keeps fp32 weights and samples under autocast (engine_xar.py); in a
+        # reduced-precision run it gets the same dtype as ours.
+        dtype = next(self.reference.pipe.transformer.parameters()).dtype
+        on_gpu = torch.device(self.reference.device).type == "cuda"
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=on_gpu and dtype != torch.float32):
             return self.model.sample_tokens(num_steps=steps, cfg=self.reference.preset.guidance_scale, label=labels)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

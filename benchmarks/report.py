@@ -30,12 +30,17 @@ def markdown(report: dict) -> str:
             f"| {r['end_to_end_seconds_per_image']:.3f} | {r['end_to_end_images_per_s']:.3f} | {gflop:,.0f} "
             f"| {r['end_to_end_flops_per_s'] / 1e9:,.0f} | {100 * r['end_to_end_fraction_of_peak']:.0f}% "
             f"| {r['peak_memory_bytes'] / 2**30:.1f} GiB ({r['peak_memory_kind']}) |")
+    if report.get("complete") is False:
+        planned = len(s["batch_sizes"]) * len(s["contenders"])
+        lines += ["", f"**Partial run:** {len(report['rows'])} of the {planned} planned rows were measured before the "
+                      "run was cut short."]
     extrapolated = sorted({r["timed_steps"] for r in report["rows"] if r["extrapolated"]})
     if extrapolated:
+        lows = sorted({str(r["timed_from_steps"]) for r in report["rows"] if r.get("timed_from_steps")})
         lines += ["", f"¹ extrapolated from {', '.join(map(str, extrapolated))} timed step(s) to the official count: DiT "
-                      "and SiT scaled linearly (every step costs the same); xAR on the line through its times at "
-                      f"{', '.join(sorted({str(r['timed_from_steps']) for r in report['rows'] if r.get('timed_from_steps')}))} "
-                      "and that many steps per cell (a cell's first step also re-runs the previous cell)."]
+                      "and SiT scaled linearly (every step costs the same)"
+                      + (f"; xAR on the line through its times at {', '.join(lows)} and that many steps per cell (a "
+                         "cell's first step also re-runs the previous cell)" if lows else "") + "."]
     if report["ratios"]:
         lines += ["", "| xar_infer | versus | batch | end-to-end speedup | generate speedup | generate speedup, "
                       "back to back ² |", "|---|---|---:|---:|---:|---:|"]

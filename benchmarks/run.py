@@ -67,12 +67,16 @@ def median_time(fn, device: str, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 5) -> dict:
-    """Dense square matmul throughput (FLOP/s), the yardstick for every 'fraction of peak'."""
-    n = 4096 if device.startswith("cuda") else 2048
+def matmul_peak(device: str, dtype: torch.dtype) -> dict:
+    """Dense square matmul throughput (FLOP/s), the yardstick for every 'fraction of peak'. On a GPU
+    the product is large (8192^3, about 1 ms on an H100) and timed 10 times after 3 warm-ups, so that
+    clocks have ramped up and the peak is not underestimated (which would flatter every fraction)."""
+    cuda = device.startswith("cuda")
+    n, warm_ups, repeats = (8192, 3, 10) if cuda else (2048, 1, 5)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    timed(lambda: a @ b, device)  # warm-up
+    for _ in range(warm_ups):
+        timed(lambda: a @ b, device)
     seconds, _ = median_time(lambda: a @ b, device, repeats)
     return {"size": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": 2 * n**3 / seconds}
 
@@ -305,6 +309,9 @@ def main(argv=None) -> None:
         contenders += [f"official-{c}" for c in args.contenders.split(",") if c in XAR_PRESETS]
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
+    from report import write_outputs
+
+    stem = args.name or ("quick" if args.quick else f"{args.device.split(':')[0]}-{dtype}")
     started = time.time()
     # A matmul peak for each dtype that runs: a row's fraction of peak is against its own dtype's.
     row_dtypes = {name: split_key(name)[3] or dtype for name in contenders}
@@ -321,22 +328,21 @@ def main(argv=None) -> None:
             rows.append(row)
             print(f"{row['contender']:<38} batch {batch:>3}: {row['end_to_end_seconds_per_image']:8.2f} s/image end to end"
                   f"{' (extrapolated from ' + str(row['timed_steps']) + ' steps)' if row['extrapolated'] else ''}", flush=True)
-
-    report = {
-        "machine": machine_info(args.device),
-        "settings": {"device": args.device, "dtype": dtype, "batch_sizes": batches, "max_steps": args.max_steps,
-                     "repeats": args.repeats, "paired_rounds": paired_rounds, "quick": args.quick, "contenders": contenders, "backends": backends, "modes": modes,
-                     "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])])},
-        "matmul_peak": peaks[dtype],
-        "other_matmul_peaks": [peak for d, peak in peaks.items() if d != dtype],
-        "rows": rows,
-        "ratios": ratios(rows),
-        "wall_seconds": time.time() - started,
-    }
-    from report import write_outputs
-
-    name = args.name or ("quick" if args.quick else f"{args.device.split(':')[0]}-{dtype}")
-    paths = write_outputs(report, args.out_dir, name)
+            # Rewritten after every row: a run cut short (a time-limited machine) keeps what it measured.
+            report = {
+                "machine": machine_info(args.device),
+                "settings": {"device": args.device, "dtype": dtype, "batch_sizes": batches, "max_steps": args.max_steps,
+                             "repeats": args.repeats, "paired_rounds": paired_rounds, "quick": args.quick,
+                             "contenders": contenders, "backends": backends, "modes": modes,
+                             "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])])},
+                "matmul_peak": peaks[dtype],
+                "other_matmul_peaks": [peak for d, peak in peaks.items() if d != dtype],
+                "rows": rows,
+                "ratios": ratios(rows),
+                "complete": len(rows) == len(batches) * len(contenders),
+                "wall_seconds": time.time() - started,
+            }
+            paths = write_outputs(report, args.out_dir, stem)
     print("wrote " + ", ".join(str(p) for p in paths))
 
 

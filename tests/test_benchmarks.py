@@ -118,3 +118,27 @@ def test_launch_count_benchmark_runs(tmp_path):
     assert triton_graphs < torch_graphs < triton_eager < torch_eager
     assert rows["xar_infer, triton backend, CUDA graphs"]["ops_inside_graphs_per_image"] > triton_eager / 2
     assert "| xar_infer, torch backend |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_kernel_profile_sorts_kernel_names_into_categories():
+    from kernel_profile import category
+
+    assert category("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_64x3_tn_align2>") == "matrix products"
+    assert category("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "matrix products"
+    assert category("_block_causal_attention_kernel") == "attention (Triton)"
+    assert category("pytorch_flash::flash_fwd_kernel<...>") == "attention (PyTorch)"
+    assert category("_rms_norm_modulate_kernel") == "norm + modulation (Triton)"
+    assert category("void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<float>>") == "other"
+
+
+def test_kernel_profile_runs_on_cpu(tmp_path):
+    """Smoke run on the demo preset: every operator's time lands in one category, and the categories
+    of a PyTorch-backend generation (matrix products, SDPA) are there."""
+    subprocess.run([sys.executable, str(BENCHMARKS / "kernel_profile.py"), "--preset", "xar-digits", "--batch", "2", "--steps", "2",
+                    "--backend", "torch", "--device", "cpu", "--out-dir", str(tmp_path), "--name", "smoke"],
+                   check=True, capture_output=True, timeout=600)
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    assert report["kernel_seconds"] > 0
+    assert sum(report["by_category"].values()) == pytest.approx(report["kernel_seconds"])
+    assert {"matrix products", "attention (PyTorch)"} <= report["by_category"].keys()
+    assert "| category | seconds | share |" in (tmp_path / "smoke.md").read_text()

@@ -5,8 +5,9 @@
 #
 #   tools/gpu_checks.sh build        # editable install without dependencies; builds csrc/ for this GPU
 #   tools/gpu_checks.sh tests        # kernels, tiling, backends and pipeline tests on CUDA (after build)
-#   tools/gpu_checks.sh kernels      # benchmarks/attention.py and benchmarks/vae_tiling.py
+#   tools/gpu_checks.sh kernels      # benchmarks/attention.py (and its --sweep) and benchmarks/vae_tiling.py
 #   tools/gpu_checks.sh generation   # benchmarks/run.py, bf16, torch/triton/CUDA graphs (needs diffusers for DiT/SiT)
+#   tools/gpu_checks.sh profile      # benchmarks/kernel_profile.py: kernel time by category
 #
 # Results go to benchmarks/results/ under names that start with the GPU's name, and to $OUT if set.
 set -euo pipefail
@@ -25,25 +26,40 @@ case "${1:-}" in
     $python -c "import xar_infer; b = xar_infer.vae_tiling_backend('cuda'); print('vae tiling on cuda:', b); assert b == 'cuda'"
     ;;
   tests)
-    $python -m pytest -q -rs tests/test_kernels.py tests/test_vae.py tests/test_backends.py tests/test_pipeline.py \
-      tests/test_cuda_graphs.py \
+    # The parity test needs ../shared/parity beside the checkout, as in CI. pytest-xdist, where
+    # installed, spreads the Triton compilations over the CPU cores.
+    parallel=$($python -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+    $python -m pytest -q -rs $parallel tests/test_kernels.py tests/test_vae.py tests/test_backends.py \
+      tests/test_pipeline.py tests/test_cuda_graphs.py tests/test_parity.py \
       2>&1 | tee "$results/$gpu-tests.log"
     copy_out "$results/$gpu-tests.log"
     ;;
   kernels)
-    $python benchmarks/attention.py --device cuda --name "$gpu-attention"
+    $python benchmarks/attention.py --device cuda --batch-sizes 2,512 --cache-lengths 0,128 --repeats 10 --name "$gpu-attention"
+    $python benchmarks/attention.py --sweep --batch-sizes 2,512 --repeats 10 --name "$gpu-attention-sweep-bf16"
     $python benchmarks/vae_tiling.py --device cuda --batch 16 --name "$gpu-vae-tiling"
-    copy_out "$results/$gpu"-attention.* "$results/$gpu"-vae-tiling.*
+    copy_out "$results/$gpu"-attention* "$results/$gpu"-vae-tiling.*
     ;;
   generation)
-    # OFFICIAL_REPO=path/to/xAR adds the official code (it needs its own dependencies, e.g. timm).
-    $python benchmarks/run.py --device cuda --dtype bf16 --batch-sizes 1,8,64,256 \
-      --backends torch,triton,triton+graphs --max-steps 50 --paired-rounds 3 --name "$gpu-bf16" \
+    # About 7 minutes on an H100. OFFICIAL_REPO=path/to/xAR adds the official code (it needs timm,
+    # and its flash_attn import satisfied). DiT and SiT need diffusers.
+    $python benchmarks/run.py --device cuda --dtype bf16 --contenders xar-b --batch-sizes 1,64 \
+      --backends torch,triton,triton+graphs --max-steps 4 --paired-rounds 3 --name "$gpu-bf16-xar-b" \
       ${OFFICIAL_REPO:+--official-repo "$OFFICIAL_REPO"}
-    copy_out "$results/$gpu"-bf16.*
+    $python benchmarks/run.py --device cuda --dtype bf16 --contenders xar-l --batch-sizes 256 \
+      --backends triton --max-steps 4 --paired-rounds 1 --name "$gpu-bf16-xar-l-b256"
+    $python benchmarks/run.py --device cuda --dtype bf16 --contenders xar-b,dit,sit --backends triton+graphs \
+      --batch-sizes 64 --max-steps 4 --paired-rounds 3 --name "$gpu-bf16-dit-sit-b64"
+    copy_out "$results/$gpu"-bf16-*
+    ;;
+  profile)
+    # GPU kernel time by category for one generation (where the time goes at large batch).
+    $python benchmarks/kernel_profile.py --preset xar-l --batch 256 --steps 2 --backend triton --name "$gpu-profile-xar-l-b256-triton"
+    $python benchmarks/kernel_profile.py --preset xar-b --batch 64 --steps 2 --backend triton --name "$gpu-profile-xar-b-b64-triton"
+    copy_out "$results/$gpu"-profile-*
     ;;
   *)
-    echo "usage: tools/gpu_checks.sh build|tests|kernels|generation" >&2
+    echo "usage: tools/gpu_checks.sh build|tests|kernels|generation|profile" >&2
     exit 2
     ;;
 esac
