@@ -18,16 +18,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_rotated(ptrs, rows, row_mask, cos_ptr, sin_ptr, stride_rope, offs_d, d_mask):
+def _load_rotated(ptrs, rows, row_mask, cos_ptr, sin_ptr, stride_rope, offs_d, d_mask,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows of a [tokens, head_dim] tile rotated by their RoPE angles, in fp32: channel pairs
-    (2i, 2i+1) become (x0 cos - x1 sin, x1 cos + x0 sin)."""
+    (2i, 2i+1) become (x0 cos - x1 sin, x1 cos + x0 sin). The partner of each channel comes from
+    the loaded tile itself (split into even and odd channels and joined back swapped), so every load
+    is a contiguous vector load."""
     mask = row_mask[:, None] & d_mask[None, :]
     x = tl.load(ptrs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    x_pair = tl.load(ptrs + (offs_d ^ 1)[None, :], mask=mask, other=0.0).to(tl.float32)
-    sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
     cos = tl.load(cos_ptr + rows[:, None] * stride_rope + offs_d[None, :], mask=mask, other=0.0)
     sin = tl.load(sin_ptr + rows[:, None] * stride_rope + offs_d[None, :], mask=mask, other=0.0)
-    return x * cos + (sign[None, :] * x_pair) * sin
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_D // 2, 2)))
+    x_pair = tl.reshape(tl.join(-x_odd, x_even), (BLOCK_R, BLOCK_D))  # (-x1, x0) for each pair
+    return x * cos + x_pair * sin
 
 
 @triton.jit
@@ -66,7 +69,7 @@ def _block_causal_attention_kernel(
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
     # Rounded to the input dtype like the reference's rotated queries; the softmax scale (and log2 e,
     # for exp2) is folded into the scores afterwards.
-    q = _load_rotated(q_ptrs, offs_m, m_mask, COS, SIN, stride_rope, offs_d, d_mask).to(dtype)
+    q = _load_rotated(q_ptrs, offs_m, m_mask, COS, SIN, stride_rope, offs_d, d_mask, BLOCK_M, BLOCK_D).to(dtype)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -95,7 +98,8 @@ def _block_causal_attention_kernel(
     for start_n in range(0, kv_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < kv_end
-        k = _load_rotated(k_base + offs_n[:, None] * stride_kn, offs_n, n_mask, COS, SIN, stride_rope, offs_d, d_mask).to(dtype)
+        k = _load_rotated(k_base + offs_n[:, None] * stride_kn, offs_n, n_mask, COS, SIN, stride_rope, offs_d, d_mask,
+                          BLOCK_N, BLOCK_D).to(dtype)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         visible = (offs_n[None, :] // tokens_per_cell <= query_cell[:, None]) & n_mask[None, :]
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -110,7 +114,8 @@ def _block_causal_attention_kernel(
     # and no program reads cache rows at or after cache_len, so there is no race.
     commit_mask = offs_m < num_commit
     if pid_m * BLOCK_M < num_commit:
-        k_new = _load_rotated(k_base + offs_m[:, None] * stride_kn, offs_m, commit_mask, COS, SIN, stride_rope, offs_d, d_mask)
+        k_new = _load_rotated(k_base + offs_m[:, None] * stride_kn, offs_m, commit_mask, COS, SIN, stride_rope, offs_d, d_mask,
+                              BLOCK_M, BLOCK_D)
         v_new = tl.load(v_base + offs_m[:, None] * stride_vn + offs_d[None, :], mask=commit_mask[:, None] & d_mask[None, :])
         rows = (cache_len + offs_m)[:, None] * stride_cn + offs_d[None, :]
         tl.store(cache_k + rows, k_new.to(dtype), mask=commit_mask[:, None] & d_mask[None, :])
