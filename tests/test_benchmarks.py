@@ -142,3 +142,16 @@ def test_kernel_profile_runs_on_cpu(tmp_path):
     assert sum(report["by_category"].values()) == pytest.approx(report["kernel_seconds"])
     assert {"matrix products", "attention (PyTorch)"} <= report["by_category"].keys()
     assert "| category | seconds | share |" in (tmp_path / "smoke.md").read_text()
+
+
+@pytest.mark.triton
+def test_attention_kernel_compiles_for_hopper_with_vector_loads_only(tmp_path):
+    """Compiled for sm_90 without a GPU (Triton's own LLVM and ptxas): every global read of the
+    attention kernel is a 16-byte vector load and nothing spills, in the launch configuration of a
+    later step with many programs (most of a large batch's attention time)."""
+    subprocess.run([sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dims", "64", "--programs", "many",
+                    "--out-dir", str(tmp_path), "--name", "smoke"], check=True, capture_output=True, timeout=600)
+    rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    later = next(r for r in rows if r["step"] == "later")
+    assert later["vector_loads"] > 0 and later["scalar_loads"] == 0
+    assert later["spill_store_bytes"] == 0 and 0 < later["registers"] <= 255
