@@ -21,6 +21,7 @@ On CPU the kernel runs in Triton's interpreter: its times there say nothing abou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -32,8 +33,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from run import DTYPES
+
 HERE = Path(__file__).resolve().parent
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = {"xar-b": (12, 64), "xar-h": (16, 80)}  # heads, head_dim
 T = 64
 
@@ -57,7 +59,8 @@ def timed_median(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def case(heads: int, head_dim: int, batch: int, cache_len: int, first: bool, device: str, dtype: torch.dtype):
+def case(heads: int, head_dim: int, batch: int, cache_len: int, first: bool, device: str, dtype: torch.dtype,
+         with_flex: bool = True):
     from xar_infer.kernels import block_causal_attention
     from xar_infer.model import KVCache, apply_rope, block_causal_mask, cached_attention
 
@@ -79,16 +82,14 @@ def case(heads: int, head_dim: int, batch: int, cache_len: int, first: bool, dev
     keys, values = cache.keys[0][:, :, :end], cache.values[0][:, :, :end]
     mask = block_causal_mask(T, cache_len, num_new).to(device) if first else None
 
-    def triton_call():
-        return block_causal_attention(q, k, v, cos, sin, cache.keys[0], cache.values[0], cache_len, num_commit, T)
-
-    triton_call.inputs = (q, k, v, cos, sin, cache.keys[0], cache.values[0], num_commit)
     runs = {
-        "triton": triton_call,
+        # A launch configuration can be passed as config= (the sweep does).
+        "triton": functools.partial(block_causal_attention, q, k, v, cos, sin, cache.keys[0], cache.values[0], cache_len,
+                                    num_commit, T),
         "torch path": lambda: cached_attention(q, k, v, cos, sin, cache, 0, num_commit, T),
         "sdpa": lambda: F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask).transpose(1, 2),
     }
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and with_flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         def visible(b, h, q_idx, kv_idx):
@@ -100,6 +101,10 @@ def case(heads: int, head_dim: int, batch: int, cache_len: int, first: bool, dev
     return runs
 
 
+def describe_device(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU (Triton interpreter)"
+
+
 SWEEP = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
          for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for st in (1, 2, 3)]
 
@@ -107,7 +112,7 @@ SWEEP = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
 def sweep(args, dtype: torch.dtype, dtype_name: str) -> None:
     """Times the kernel under every launch configuration in SWEEP (those that fit the GPU) against
     ``launch_config``'s choice, at cache length 128: the data for choosing ``launch_config``."""
-    from xar_infer.kernels.attention import block_causal_attention, launch_config
+    from xar_infer.kernels.attention import launch_config
 
     rows = []
     with torch.inference_mode():
@@ -115,15 +120,13 @@ def sweep(args, dtype: torch.dtype, dtype_name: str) -> None:
             heads, head_dim = SHAPES[model]
             for batch in map(int, args.batch_sizes.split(",")):
                 for first in (True, False):
-                    runs = case(heads, head_dim, batch, 128, first, args.device, dtype)
+                    runs = case(heads, head_dim, batch, 128, first, args.device, dtype, with_flex=False)
                     expected = runs["sdpa"]().float()
-                    q, k, v, cos, sin, cache_k, cache_v, num_commit = runs["triton"].inputs
-                    num_new = q.shape[1]
+                    num_new = 2 * T if first else T
                     chosen = launch_config(num_new, head_dim, dtype, batch * heads)
                     times = {}
                     for config in [chosen] + [c for c in SWEEP if c["BLOCK_M"] <= max(64, num_new) and c != chosen]:
-                        def call(config=config):
-                            return block_causal_attention(q, k, v, cos, sin, cache_k, cache_v, 128, num_commit, T, config)
+                        call = functools.partial(runs["triton"], config=config)
                         try:
                             if (call().float() - expected).abs().max().item() > 2e-2:
                                 raise SystemExit(f"config {config} gives wrong results")
@@ -139,7 +142,7 @@ def sweep(args, dtype: torch.dtype, dtype_name: str) -> None:
                           f"with {best}", flush=True)
     name = args.name or f"attention-sweep-{args.device.split(':')[0]}-{dtype_name}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU (Triton interpreter)"
+    device_name = describe_device(args.device)
     (args.out_dir / f"{name}.json").write_text(json.dumps({"device": device_name, "dtype": dtype_name, "rows": rows}, indent=2) + "\n")
     lines = [f"# Attention launch configurations: {device_name}, {dtype_name}, cache length 128", "",
              "| model | batch | step | chosen | us | best | us |", "|---|---:|---|---|---:|---|---:|"]
@@ -186,7 +189,7 @@ def main(argv=None) -> None:
                         rows.append(row)
                         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU (Triton interpreter)"
+    device_name = describe_device(args.device)
     report = {"device": device_name, "dtype": dtype_name, "torch": torch.__version__,
               "command": " ".join(["python", "benchmarks/attention.py", *(argv or sys.argv[1:])]), "rows": rows}
     name = args.name or f"attention-{args.device.split(':')[0]}-{dtype_name}"

@@ -251,8 +251,7 @@ class OfficialXARContender(Contender):
         labels = torch.arange(batch, device=self.reference.device)
         # The official evaluation keeps fp32 weights and samples under autocast (engine_xar.py); in a
         # reduced-precision run it gets the same dtype as ours.
-        dtype = next(self.reference.pipe.transformer.parameters()).dtype
-        on_gpu = torch.device(self.reference.device).type == "cuda"
+        dtype, on_gpu = self.reference.pipe.dtype, self.reference.pipe.device.type == "cuda"
         with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=on_gpu and dtype != torch.float32):
             return self.model.sample_tokens(num_steps=steps, cfg=self.reference.preset.guidance_scale, label=labels)
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from run import DTYPES
+
 HERE = Path(__file__).resolve().parent
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # First match wins; names are lower-cased.
 CATEGORIES = [
@@ -53,7 +54,6 @@ def main(argv=None) -> None:
     dtype_name = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     cuda = args.device.startswith("cuda")
 
-    sys.path.insert(0, str(HERE))
     from contenders import XARContender
 
     with torch.inference_mode():

@@ -25,23 +25,22 @@ from pathlib import Path
 # Compiled, never interpreted: the kernels must be decorated as real JIT functions.
 os.environ.pop("TRITON_INTERPRET", None)
 
-import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from run import DTYPES  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-TRITON_DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CELL = 64  # tokens per cell: a later step has 64 queries, a cell's first step 128
 
 
 def compile_attention(arch: int, dtype: str, head_dim: int, config: dict):
     """The attention kernel compiled for ``arch`` with ``config`` (tile sizes, warps, stages)."""
     from xar_infer.kernels.attention import _block_causal_attention_kernel as kernel
+    from xar_infer.kernels.attention import channel_block
 
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": channel_block(head_dim), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     signature, aligned = {}, []
     for name in kernel.arg_names:
@@ -50,7 +49,7 @@ def compile_attention(arch: int, dtype: str, head_dim: int, config: dict):
         elif name in ("COS", "SIN"):
             signature[name], aligned = "*fp32", aligned + [name]
         elif name.isupper():  # the other tensors: q, k, v, the cache, the output
-            signature[name], aligned = f"*{TRITON_DTYPES[dtype]}", aligned + [name]
+            signature[name], aligned = f"*{dtype}", aligned + [name]  # run.py's dtype names are Triton's
         elif name == "qk_scale":
             signature[name] = "fp32"
         else:
@@ -91,7 +90,7 @@ def global_loads(ptx: str) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as a number: 90 for Hopper, 80 for A100")
-    parser.add_argument("--dtype", choices=TRITON_DTYPES, default="bf16")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--head-dims", default="64,80", help="64: xAR-B/L; 80: xAR-H")
     parser.add_argument("--programs", default="few,many", help="launch families: few (batch 1) or many (batch-heads >= 1024)")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
@@ -103,7 +102,7 @@ def main(argv=None) -> None:
     for head_dim in map(int, args.head_dims.split(",")):
         for programs in args.programs.split(","):
             for step, num_new in (("first", 2 * CELL), ("later", CELL)):
-                config = launch_config(num_new, head_dim, TORCH_DTYPES[args.dtype], 2 if programs == "few" else 4096)
+                config = launch_config(num_new, head_dim, DTYPES[args.dtype], 2 if programs == "few" else 4096)
                 compiled = compile_attention(args.arch, args.dtype, head_dim, config)
                 row = {"head_dim": head_dim, "programs": programs, "step": step, "config": config,
                        "shared_bytes": compiled.metadata.shared, **ptxas_report(compiled, args.arch),

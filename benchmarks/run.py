@@ -316,7 +316,18 @@ def main(argv=None) -> None:
     # A matmul peak for each dtype that runs: a row's fraction of peak is against its own dtype's.
     row_dtypes = {name: split_key(name)[3] or dtype for name in contenders}
     peaks = {d: matmul_peak(args.device, DTYPES[d]) for d in dict.fromkeys([dtype, *row_dtypes.values()])}
-    rows = []
+    # Rewritten after every row: a run cut short (a time-limited machine) keeps what it measured.
+    report = {
+        "machine": machine_info(args.device),
+        "settings": {"device": args.device, "dtype": dtype, "batch_sizes": batches, "max_steps": args.max_steps,
+                     "repeats": args.repeats, "paired_rounds": paired_rounds, "quick": args.quick,
+                     "contenders": contenders, "backends": backends, "modes": modes,
+                     "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])])},
+        "matmul_peak": peaks[dtype],
+        "other_matmul_peaks": [peak for d, peak in peaks.items() if d != dtype],
+        "rows": [],
+    }
+    rows = report["rows"]
     for batch in batches:
         for name in contenders:
             spec = {"contender": name, "batch": batch, "device": args.device, "dtype": dtype,
@@ -328,20 +339,8 @@ def main(argv=None) -> None:
             rows.append(row)
             print(f"{row['contender']:<38} batch {batch:>3}: {row['end_to_end_seconds_per_image']:8.2f} s/image end to end"
                   f"{' (extrapolated from ' + str(row['timed_steps']) + ' steps)' if row['extrapolated'] else ''}", flush=True)
-            # Rewritten after every row: a run cut short (a time-limited machine) keeps what it measured.
-            report = {
-                "machine": machine_info(args.device),
-                "settings": {"device": args.device, "dtype": dtype, "batch_sizes": batches, "max_steps": args.max_steps,
-                             "repeats": args.repeats, "paired_rounds": paired_rounds, "quick": args.quick,
-                             "contenders": contenders, "backends": backends, "modes": modes,
-                             "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])])},
-                "matmul_peak": peaks[dtype],
-                "other_matmul_peaks": [peak for d, peak in peaks.items() if d != dtype],
-                "rows": rows,
-                "ratios": ratios(rows),
-                "complete": len(rows) == len(batches) * len(contenders),
-                "wall_seconds": time.time() - started,
-            }
+            report.update(ratios=ratios(rows), complete=len(rows) == len(batches) * len(contenders),
+                          wall_seconds=time.time() - started)
             paths = write_outputs(report, args.out_dir, stem)
     print("wrote " + ", ".join(str(p) for p in paths))
 

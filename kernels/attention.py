@@ -122,6 +122,11 @@ def _block_causal_attention_kernel(
         tl.store(cache_v + rows, v_new, mask=commit_mask[:, None] & d_mask[None, :])
 
 
+def channel_block(head_dim: int) -> int:
+    """The kernel's tile width over channels: the head dim rounded up to a power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def launch_config(num_new: int, head_dim: int, dtype: torch.dtype, batch_heads: int) -> dict:
     """Tile sizes, warps and pipeline stages, from a sweep on an H100 (benchmarks/results/
     h100-attention-sweep-bf16.md, xAR-B shapes, bf16): one stage (the loops are a few tiles long, so
@@ -129,8 +134,7 @@ def launch_config(num_new: int, head_dim: int, dtype: torch.dtype, batch_heads: 
     long key tiles and 8 warps (fewer, larger steps: latency); with many, shorter key tiles (4 warps,
     more programs resident). Wide rows (fp32, or more than 64 channels) keep tiles of 64 rows so the
     fp32 accumulator stays in registers."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    wide = block_d * (4 if dtype == torch.float32 else 2) > 128  # bytes per row
+    wide = channel_block(head_dim) * (4 if dtype == torch.float32 else 2) > 128  # bytes per row
     block_m = 128 if num_new >= 128 and not wide else min(64, max(16, triton.next_power_of_2(num_new)))
     if batch_heads < 1024:
         block_n = 64 if wide else 128
@@ -182,7 +186,7 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         out.stride(0), out.stride(1), out.stride(2),
         cos.stride(0),
         H, N, cache_len, num_commit, tokens_per_cell, math.log2(math.e) / math.sqrt(D),
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        HEAD_DIM=D, BLOCK_D=channel_block(D),
         # fp32 models stay exact: no TF32 in the products.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # No fused multiply-adds: the rotated keys written to the cache must round as the reference's do.
