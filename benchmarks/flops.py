@@ -77,9 +77,21 @@ def dit_xl2_flops_per_forward(n: int = 256, D: int = 1152, depth: int = 28) -> f
     return depth * per_block + 2 * n * D * (16 + 32) + 2 * (2 * D * D + 256 * D + D * D)
 
 
+def _onednn_linear_flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    """``torch.ops.mkldnn._linear_pointwise`` (``xar_infer.backends.onednn_linear``): x [..., K] @ weight [N, K].T."""
+    rows = 1
+    for size in x_shape[:-1]:
+        rows *= size
+    return 2 * rows * x_shape[-1] * weight_shape[0]
+
+
 def counted_flops(run: Callable[[], object]) -> float:
-    """FLOPs that torch's flop counter sees in ``run()`` (matrix products and convolutions). Attention
-    runs through the math backend so that its products are counted too."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    """FLOPs that torch's flop counter sees in ``run()`` (matrix products and convolutions), with the
+    oneDNN linear layers that xar_infer runs on CPUs, which the counter does not know. Attention runs
+    through the math backend so that its products are counted too."""
+    custom = {}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        custom[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops  # keyed by the op, not an overload
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=custom) as counter:
         run()
     return float(counter.get_total_flops())

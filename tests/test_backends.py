@@ -9,9 +9,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from xar_infer import XARPipeline
-from xar_infer.backends import TORCH, resolve_backend
+from xar_infer.backends import TORCH, onednn_linear, resolve_backend
 from xar_infer.cli import generate_main
 
 from conftest import TRITON_DEVICE
@@ -49,6 +50,88 @@ def test_cli_reports_an_unusable_backend_in_one_line(tmp_path, capsys):
                           "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("xar-generate: error:")
+
+
+# ---- linear layers: oneDNN for fp32 on CPUs ---------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+
+
+def _dispatched(fn) -> set[str]:
+    """The names of the operators ``fn()`` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+@contextlib.contextmanager
+def _onednn_switched_off():
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+@needs_onednn
+def test_linear_layers_use_onednn_for_fp32_on_cpu_and_f_linear_otherwise():
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in _dispatched(lambda: onednn_linear(x, layer))
+        bf16 = layer.to(torch.bfloat16)
+        assert "mkldnn::_linear_pointwise" not in _dispatched(lambda: onednn_linear(x.bfloat16(), bf16))
+        layer.float()
+        with _onednn_switched_off():
+            assert "mkldnn::_linear_pointwise" not in _dispatched(lambda: onednn_linear(x, layer))
+    # With autograd recording (training the demo model) it is F.linear, whose gradients exist.
+    x.requires_grad_(True)
+    onednn_linear(x, layer).square().sum().backward()
+    expected = torch.autograd.grad(F.linear(x, layer.weight, layer.bias).square().sum(), x)[0]
+    assert torch.allclose(x.grad, expected)
+    assert TORCH.ops.linear is onednn_linear
+
+
+@needs_onednn
+def test_onednn_linear_is_exact_fp32_arithmetic():
+    """Data for which fp32 is exact in any summation order: 12-bit integers over 1024 (times -1/0/1, plus
+    small integer biases) keep every partial sum a multiple of 2**-10 below 2**14, so within fp32's 24
+    bits. A product rounding its inputs to bf16 or TF32 (8 or 11 significant bits) would not be exact."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-4095, 4096, (2, 64, 768), generator=g).float() / 1024
+    layer = torch.nn.Linear(768, 2304)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-1, 2, layer.weight.shape, generator=g).float())
+        layer.bias.copy_(torch.randint(-8, 9, layer.bias.shape, generator=g).float())
+        out = onednn_linear(x, layer)
+    assert torch.equal(out.double(), F.linear(x.double(), layer.weight.double(), layer.bias.double()))
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", ["3d", "transposed input", "no bias", "transposed weight", "one row"])
+def test_onednn_linear_matches_f_linear_within_fp32_rounding(case):
+    """Random data in the layouts the model produces. Each fp32 result is within gamma_K * sum|x_i w_i|
+    (+ the bias's rounding) of the exact one, gamma_K = K u / (1 - K u), u = 2**-24, whatever the
+    summation order; two such results are within twice that. A wrong layout is off by O(1)."""
+    g = torch.Generator().manual_seed(1)
+    K, N = 768, 2304
+    layer = torch.nn.Linear(K, N, bias=case != "no bias")
+    x = torch.randn(2, 64, K, generator=g)
+    if case == "transposed input":
+        x = torch.randn(64, 2, K, generator=g).transpose(0, 1)
+    if case == "transposed weight":
+        layer.weight = torch.nn.Parameter(torch.randn(K, N, generator=g).T / K**0.5)
+    if case == "one row":
+        x = x[:1, :1]
+    with torch.no_grad():
+        out, reference = onednn_linear(x, layer), F.linear(x, layer.weight, layer.bias)
+    u = 2.0**-24
+    gamma = K * u / (1 - K * u)
+    bias = 0 if layer.bias is None else layer.bias.abs().double()
+    bound = 2 * (gamma * F.linear(x.abs().double(), layer.weight.abs().double()) + u * bias)
+    assert out.shape == reference.shape
+    assert ((out.double() - reference.double()).abs() <= bound).all()
 
 
 def _latents(pipe, sampler):

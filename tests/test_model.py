@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from xar_infer.config import PRESETS, XARConfig, infer_config
-from xar_infer.model import XARTransformer, apply_rope, block_causal_mask, rope_tables
+from xar_infer.model import TORCH_OPS, XARTransformer, apply_rope, block_causal_mask, rope_tables
 
 from conftest import TINY_CONFIG, random_transformer, released_state_dict
 
@@ -101,6 +102,26 @@ def test_cached_evaluation_equals_one_block_causal_pass(model64):
             one_pass = model64(cells[s], labels, t, model64.new_cache(B), prefix=torch.cat(cells[:s], dim=1))
             assert torch.allclose(incremental, one_pass, **EXACT), s
         assert cache.length == (config.num_cells - 1) * config.tokens_per_cell
+
+
+def test_every_per_call_linear_layer_goes_through_the_ops(model64):
+    """A backend replaces the linear layers through ``BlockOps.linear``: each block's five, the adaLN
+    modulation's and the decoder's input projection. Only the tiny token projections (z_proj: 16 -> dim,
+    pred: dim -> 16) stay plain layers."""
+    used = []
+
+    def linear(x, layer):
+        used.append(layer)
+        return F.linear(x, layer.weight, layer.bias)
+
+    labels, B = torch.tensor([1, 2]), 2
+    with torch.no_grad():
+        model64(_cells(model64.config, B)[0], labels, torch.full((B,), 0.5), model64.new_cache(B),
+                ops=dataclasses.replace(TORCH_OPS, linear=linear))
+    expected = [model64.decoder_embed] + [layer for block in model64.blocks for layer in
+                                          (block.attn.qkv, block.attn.proj, block.mlp.fc1_g, block.mlp.fc1_x,
+                                           block.mlp.fc2, block.ada_lin[1])]
+    assert sorted(map(id, used)) == sorted(map(id, expected))
 
 
 def test_later_calls_do_not_change_the_cache(model64):

@@ -20,7 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from xar_infer import XARPipeline
+from xar_infer.backends import TORCH
 from xar_infer.loading import load_local
+from xar_infer.model import TORCH_OPS
 
 from conftest import TRITON_DEVICE
 
@@ -42,32 +44,38 @@ def _load_tiny(parity_dir, dtype=torch.float32):
         return load_local(parity_dir / "xar_tiny.pth", dtype=dtype).model
 
 
-def _three_evaluations(model, e, dtype=torch.float32):
+def _three_evaluations(model, e, dtype=torch.float32, ops=TORCH_OPS):
     """The fixture's fwd.* protocol: cell 0 at t=0.7; cell 1's first call with cell 0 as prefix at t=0.55;
     a later call of cell 1 at t=0.3 against the cache."""
     labels = e["labels"]
     B = len(labels)
     cache = model.new_cache(B)
     with torch.no_grad():
-        v0 = model(e["fwd.x0"].to(dtype), labels, torch.full((B,), 0.7), cache)
-        v1 = model(e["fwd.x1"].to(dtype), labels, torch.full((B,), 0.55), cache, prefix=e["fwd.x0"].to(dtype))
-        v2 = model(e["fwd.x2"].to(dtype), labels, torch.full((B,), 0.3), cache)
+        v0 = model(e["fwd.x0"].to(dtype), labels, torch.full((B,), 0.7), cache, ops=ops)
+        v1 = model(e["fwd.x1"].to(dtype), labels, torch.full((B,), 0.55), cache, prefix=e["fwd.x0"].to(dtype), ops=ops)
+        v2 = model(e["fwd.x2"].to(dtype), labels, torch.full((B,), 0.3), cache, ops=ops)
     return v0, v1, v2
 
 
-def test_forward_matches_official(parity_dir):
+# The references (linear layers by F.linear: MKL on x86 CPUs), and the torch backend (by oneDNN).
+OPS = pytest.mark.parametrize("ops", [TORCH_OPS, TORCH.ops], ids=["reference", "torch-backend"])
+
+
+@OPS
+def test_forward_matches_official(parity_dir, ops):
     e, _, _ = _expected(parity_dir)
     model = _load_tiny(parity_dir)
-    for i, v in enumerate(_three_evaluations(model, e)):
+    for i, v in enumerate(_three_evaluations(model, e, ops=ops)):
         err = (v - e[f"fwd.v{i}"]).abs().max().item()
         assert err <= FORWARD_TOL, f"fwd.v{i}: max abs error {err:.3g}"
 
 
-def test_float64_evaluation_brackets_the_fixture(parity_dir):
+@OPS
+def test_float64_evaluation_brackets_the_fixture(parity_dir, ops):
     """Our float64 evaluation is the exact-arithmetic reference; fp32 must stay near it and the
     fixture must lie within its own float32 rounding of it (this is what justifies FORWARD_TOL)."""
     e, _, _ = _expected(parity_dir)
-    v32 = _three_evaluations(_load_tiny(parity_dir), e)
+    v32 = _three_evaluations(_load_tiny(parity_dir), e, ops=ops)
     v64 = _three_evaluations(_load_tiny(parity_dir, torch.float64), e, torch.float64)
     for i in range(3):
         assert (v32[i].double() - v64[i]).abs().max().item() < 2.5e-6

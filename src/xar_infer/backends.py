@@ -6,15 +6,20 @@ with its modulation; the gated residual; the MLP's GELU product) and the sampler
 update, ``sampling.flow_step``. Their torch versions in ``model`` and ``sampling`` define what both
 compute; ``xar_infer.kernels`` holds the fused Triton ones, tested against them. ``resolve_backend``
 is the one place that chooses.
+
+Both backends run the linear layers through ``onednn_linear``: on a GPU that is cuBLAS as usual, and
+in fp32 on a CPU it is oneDNN's matmul instead of the BLAS behind ``F.linear``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .model import TORCH_OPS, BlockOps
 from .sampling import flow_step
@@ -32,7 +37,30 @@ class Backend:
     flow_step: Callable
 
 
-TORCH = Backend("torch", TORCH_OPS, flow_step)
+@functools.cache
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """``layer(x)``, with fp32 products on CPUs computed by oneDNN rather than the BLAS behind ``F.linear``.
+
+    Why: PyTorch's x86 wheels compute fp32 ``F.linear`` with MKL. On the 2-core AMD EPYC we develop on
+    (AVX-512), MKL's matmul peaks at 130-180 GFLOP/s and oneDNN's at 300-430. oneDNN is bundled with
+    PyTorch and already runs ``F.linear`` in bf16. With it, xAR-B generates about twice as fast
+    (``benchmarks/results/cpu-fp32-onednn-b1.md``). It is still fp32 arithmetic, summed in another order,
+    so results differ from ``F.linear`` at rounding level, as two BLAS libraries do. Anything else (other
+    dtypes and devices, autograd, or ``torch.backends.mkldnn.enabled = False``) goes to ``F.linear``.
+    """
+    weight = layer.weight
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or not torch.backends.mkldnn.enabled or not _onednn_available()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return F.linear(x, weight, layer.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
+
+
+TORCH = Backend("torch", dataclasses.replace(TORCH_OPS, linear=onednn_linear), flow_step)
 
 
 @functools.cache  # one object, so that CUDA graphs captured with it are recognised at the next call
@@ -43,7 +71,7 @@ def _triton_backend() -> Backend:
         return kernels.block_causal_attention(q, k, v, cos, sin, cache.keys[layer], cache.values[layer],
                                               cache.length, num_commit, tokens_per_cell)
 
-    ops = BlockOps(attention=attention, rms_norm_modulate=kernels.rms_norm_modulate,
+    ops = BlockOps(attention=attention, linear=onednn_linear, rms_norm_modulate=kernels.rms_norm_modulate,
                    gated_residual=kernels.gated_residual, gelu_mul=kernels.gelu_mul)
     return Backend("triton", ops, kernels.flow_step)
 

@@ -92,7 +92,7 @@ class _GraphedCalls:
         """Start a generation call for ``labels`` (same count as before): new modulations, empty cache."""
         self.labels.copy_(labels)
         if self.table is not None:
-            self.table.copy_(torch.stack(ModulationTable(self.model, labels, self.times).per_block))
+            self.table.copy_(torch.stack(ModulationTable(self.model, labels, self.times, self.ops).per_block))
             self.time_index[0].fill_(self.column[0.0])  # a cell's first call also runs the previous cell at t=0
         self.cache.length = 0
 

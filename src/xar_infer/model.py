@@ -81,6 +81,11 @@ def gated_residual(x: Tensor, h: Tensor, gamma: Tensor, tokens_per_cell: int) ->
     return x + (h.view(B, -1, tokens_per_cell, D) * gamma.unsqueeze(2)).view(B, N, D)
 
 
+def linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    """``layer(x)``; a backend may run the product elsewhere (``backends.onednn_linear`` on CPUs)."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
 def gelu_mul(gate: Tensor, value: Tensor) -> Tensor:
     """``gelu(gate) * value`` with exact (erf) GELU: the gated MLP's hidden activation."""
     return F.gelu(gate) * value
@@ -150,6 +155,7 @@ class BlockOps:
     defaults are the PyTorch references that define them."""
 
     attention: AttentionFn = cached_attention
+    linear: Callable[[Tensor, nn.Linear], Tensor] = linear
     rms_norm_modulate: Callable[..., Tensor] = rms_norm_modulate
     gated_residual: Callable[..., Tensor] = gated_residual
     gelu_mul: Callable[..., Tensor] = gelu_mul
@@ -190,9 +196,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, num_commit: int,
                 ops: BlockOps) -> Tensor:
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = ops.linear(x, self.qkv).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
         out = ops.attention(q, k, v, cos, sin, cache, layer, num_commit, self.tokens_per_cell)
-        return self.proj(out.reshape(B, N, D))
+        return ops.linear(out.reshape(B, N, D), self.proj)
 
 
 # Tensor cores need rows of a multiple of 8 elements (16 bytes in bf16). xAR-L's and xAR-H's MLP widths
@@ -243,7 +249,7 @@ class GatedMLP(nn.Module):
         state_dict[prefix + "fc2.weight"] = state_dict[prefix + "fc2.weight"][:, :module.hidden_dim].contiguous()
 
     def forward(self, x: Tensor, ops: BlockOps = TORCH_OPS) -> Tensor:
-        return self.fc2(ops.gelu_mul(self.fc1_g(x), self.fc1_x(x)))
+        return ops.linear(ops.gelu_mul(ops.linear(x, self.fc1_g), ops.linear(x, self.fc1_x)), self.fc2)
 
 
 class Block(nn.Module):
@@ -317,7 +323,7 @@ class XARTransformer(nn.Module):
     def blocks(self) -> list[Block]:
         return [*self.encoder_blocks, *self.decoder_blocks]
 
-    def modulations(self, labels: Tensor, t: Tensor) -> list[Tensor]:
+    def modulations(self, labels: Tensor, t: Tensor, ops: BlockOps = TORCH_OPS) -> list[Tensor]:
         """Every block's adaLN modulation [B, k, 6 * dim] for class ``labels`` [B] at flow times ``t`` [B, k].
 
         The condition is the class embedding plus the embedding of the quantised time. It depends on
@@ -326,7 +332,7 @@ class XARTransformer(nn.Module):
         B = len(labels)
         cond = self.time_embed(timestep_index(t.flatten())).view(B, -1, self.config.dim)
         cond = cond + self.class_emb(labels)[:, None, :]
-        return [block.ada_lin(cond) for block in self.blocks]
+        return [ops.linear(block.ada_lin[0](cond), block.ada_lin[1]) for block in self.blocks]
 
     def forward(self, x: Tensor, labels: Tensor, t: Tensor, cache: KVCache, prefix: Tensor | None = None,
                 ops: BlockOps = TORCH_OPS, modulations: list[Tensor] | None = None) -> Tensor:
@@ -355,7 +361,7 @@ class XARTransformer(nn.Module):
         x = x.to(dtype)
 
         if modulations is None:
-            modulations = self.modulations(labels, cell_times)
+            modulations = self.modulations(labels, cell_times, ops)
 
         cos, sin = self.rope_cos[start:start + N], self.rope_sin[start:start + N]
         num_commit = 0 if prefix is None else prefix.shape[1]
@@ -365,7 +371,7 @@ class XARTransformer(nn.Module):
         for i, block in enumerate(self.encoder_blocks):
             x = block(x, modulations[i], cos, sin, cache, i, num_commit, ops)
         x = self.encoder_norm(x)
-        x = self.decoder_embed(x) + self.decoder_pos_embed_learned[:, start:start + N]
+        x = ops.linear(x, self.decoder_embed) + self.decoder_pos_embed_learned[:, start:start + N]
         for i, block in enumerate(self.decoder_blocks, start=self.config.encoder_depth):
             x = block(x, modulations[i], cos, sin, cache, i, num_commit, ops)
         x = self.pred(self.decoder_norm(x))

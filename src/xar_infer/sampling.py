@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .model import BlockOps, XARTransformer
+from .model import TORCH_OPS, BlockOps, XARTransformer
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -227,10 +227,10 @@ class ModulationTable:
     weights (a third of the model) at each of the hundreds of network calls.
     """
 
-    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float]):
+    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops: BlockOps = TORCH_OPS):
         self.index = {t: i for i, t in enumerate(times)}
         grid = torch.tensor(list(times), dtype=torch.float64, device=labels.device)
-        self.per_block = model.modulations(labels, grid[None].expand(len(labels), -1))
+        self.per_block = model.modulations(labels, grid[None].expand(len(labels), -1), ops)
 
     @staticmethod
     def fits(model: XARTransformer, rows: int, num_times: int) -> bool:
@@ -258,7 +258,7 @@ class NetworkCalls:
         self.model, self.labels, self.ops = model, labels, ops
         self.cache = model.new_cache(len(labels))
         fits = ModulationTable.fits(model, len(labels), len(times))
-        self.table = ModulationTable(model, labels, times) if fits else None
+        self.table = ModulationTable(model, labels, times, ops) if fits else None
 
     def __call__(self, x: Tensor, t: float, rows: int, prefix: Tensor | None) -> Tensor:
         """Velocity [rows, ...] of the noisy cell ``x`` [B, ...] at flow time ``t`` for the first ``rows``
