@@ -93,8 +93,11 @@ class XARContender(Contender):
         precision = f"{str(dtype).removeprefix('torch.')}, " if dtype_in_name else ""
         self.name = f"xar_infer {preset_name} ({backend}, {precision}{mode if mode == 'exact' else mode + ', changes outputs'})"
         kernels, _, extra = backend.partition("+")
-        if extra not in ("", "graphs"):
-            raise ValueError(f"unknown backend {backend!r}: torch or triton, optionally with +graphs")
+        if extra not in ("", "graphs", "mkl"):
+            raise ValueError(f"unknown backend {backend!r}: torch or triton, optionally with +graphs (CUDA graphs) "
+                             "or +mkl (fp32 linear layers by torch's BLAS instead of oneDNN, on CPU)")
+        # +mkl: the linear layers as F.linear runs them, for the gain of backends.onednn_linear.
+        self.blas_linears = extra == "mkl"
         self.nominal_steps = preset.num_inference_steps
         steps = self.steps(preset.num_inference_steps)
         steps_text = "/".join(map(str, steps)) if isinstance(steps, list) else str(steps)
@@ -119,8 +122,14 @@ class XARContender(Contender):
     def generate(self, batch: int, steps: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         self.batch = batch
-        return self.pipe(list(range(batch)), num_inference_steps=self.steps(steps), generator=generator, output_type="latent",
-                         guidance_interval=GUIDANCE_INTERVAL if self.mode == "interval" else None).images
+        onednn = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = onednn and not self.blas_linears  # read by backends.onednn_linear
+        try:
+            return self.pipe(list(range(batch)), num_inference_steps=self.steps(steps), generator=generator,
+                             output_type="latent",
+                             guidance_interval=GUIDANCE_INTERVAL if self.mode == "interval" else None).images
+        finally:
+            torch.backends.mkldnn.enabled = onednn
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipe.decode(latents)

@@ -12,7 +12,8 @@ def markdown(report: dict) -> str:
         f"# Benchmark: {m['device_name']}",
         "",
         f"`{s['command']}`: torch {m['torch']}, {s['dtype']}, {m['cpu_threads']} CPU threads. Dense matmul peak "
-        f"measured in the same run: {peak['flops_per_s'] / 1e9:.0f} GFLOP/s ({peak['size']}^3 {peak['dtype']})"
+        f"measured in the same run: {peak['flops_per_s'] / 1e9:.0f} GFLOP/s ({peak['size']}^3 {peak['dtype']}"
+        + "".join(f"; {name} {flops / 1e9:.0f}" for name, flops in peak.get("flops_per_s_by_kernel", {}).items()) + ")"
         + "".join(f", {p['flops_per_s'] / 1e9:.0f} GFLOP/s in {p['dtype']} (for the rows in {p['dtype']})"
                   for p in report.get("other_matmul_peaks", [])) + ". "
         "Random weights of the real shapes; medians of "
