@@ -71,10 +71,29 @@ def test_quick_run_reports_every_contender(tmp_path):
             assert row[figure] > 0, (row["key"], figure)
         assert row["extrapolated"] and row["timed_steps"] == 2
     assert report["matmul_peak"]["flops_per_s"] > 0
+    # On CPU the yardstick is the faster of torch's matmul and the oneDNN one the linear layers use.
+    by_kernel = report["matmul_peak"]["flops_per_s_by_kernel"]
+    assert set(by_kernel) == {"torch.matmul", "oneDNN"} and report["matmul_peak"]["flops_per_s"] == max(by_kernel.values())
     assert {(q["versus"], q["batch"]) for q in report["ratios"]} == {
         ("DiT-XL/2 (diffusers)", 1), ("SiT-XL/2 (diffusers backbone)", 1)}
     assert "extrapolated from 2 timed step(s)" in (tmp_path / "quick.md").read_text()
     assert (tmp_path / "quick.png").stat().st_size > 0
+
+
+def test_mkl_contender_runs_the_linear_layers_by_f_linear():
+    """``xar-b+torch+mkl`` measures what oneDNN gains: the same generation, its products by F.linear."""
+    from contenders import XARContender
+
+    def generate(contender):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            latents = contender.generate(1, 2)
+        return latents, {event.name for event in prof.events()}
+
+    plain, plain_ops = generate(XARContender("xar-digits", "cpu", torch.float32))
+    mkl, mkl_ops = generate(XARContender("xar-digits", "cpu", torch.float32, backend="torch+mkl"))
+    assert "mkldnn::_linear_pointwise" in plain_ops and "mkldnn::_linear_pointwise" not in mkl_ops
+    assert torch.backends.mkldnn.enabled  # switched back on after the call
+    assert torch.allclose(plain, mkl, atol=1e-4)  # the same fp32 model, summed in another order
 
 
 @pytest.mark.triton
