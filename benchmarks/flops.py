@@ -22,6 +22,7 @@ time embedding once per image; diffusers' DiT embeds class and time in every blo
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -79,10 +80,7 @@ def dit_xl2_flops_per_forward(n: int = 256, D: int = 1152, depth: int = 28) -> f
 
 def _onednn_linear_flops(x_shape, weight_shape, *args, **kwargs) -> int:
     """``torch.ops.mkldnn._linear_pointwise`` (``xar_infer.backends.onednn_linear``): x [..., K] @ weight [N, K].T."""
-    rows = 1
-    for size in x_shape[:-1]:
-        rows *= size
-    return 2 * rows * x_shape[-1] * weight_shape[0]
+    return 2 * math.prod(x_shape) * weight_shape[0]
 
 
 def counted_flops(run: Callable[[], object]) -> float:

@@ -13,7 +13,6 @@ in fp32 on a CPU it is oneDNN's matmul instead of the BLAS behind ``F.linear``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -21,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .model import TORCH_OPS, BlockOps
+from .model import BlockOps
 from .sampling import flow_step
 
 BACKENDS = ("auto", "torch", "triton")
@@ -60,7 +59,7 @@ def onednn_linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
 
 
-TORCH = Backend("torch", dataclasses.replace(TORCH_OPS, linear=onednn_linear), flow_step)
+TORCH = Backend("torch", BlockOps(linear=onednn_linear), flow_step)
 
 
 @functools.cache  # one object, so that CUDA graphs captured with it are recognised at the next call

@@ -151,8 +151,9 @@ AttentionFn = Callable[..., Tensor]
 
 @dataclass(frozen=True)
 class BlockOps:
-    """The ops inside a block that a backend may replace with kernels (``xar_infer.backends``); these
-    defaults are the PyTorch references that define them."""
+    """The ops of a network call that a backend may replace (``xar_infer.backends``): a block's, and the
+    linear layers of the blocks, their modulation and the decoder's input. These defaults are the
+    PyTorch references that define them."""
 
     attention: AttentionFn = cached_attention
     linear: Callable[[Tensor, nn.Linear], Tensor] = linear

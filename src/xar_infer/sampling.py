@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .model import TORCH_OPS, BlockOps, XARTransformer
+from .model import BlockOps, XARTransformer
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -227,7 +227,7 @@ class ModulationTable:
     weights (a third of the model) at each of the hundreds of network calls.
     """
 
-    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops: BlockOps = TORCH_OPS):
+    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops: BlockOps):
         self.index = {t: i for i, t in enumerate(times)}
         grid = torch.tensor(list(times), dtype=torch.float64, device=labels.device)
         self.per_block = model.modulations(labels, grid[None].expand(len(labels), -1), ops)
