@@ -8,10 +8,11 @@ interpreter on CPU when ``TRITON_INTERPRET=1`` is set before this package is imp
 """
 
 from .adaln import gated_residual, gelu_mul, rms_norm_modulate
-from .attention import block_causal_attention
+from .attention import block_causal_attention, rotate_into_cache, sdpa_block_causal_attention
 from .flow_step import flow_step
 
-__all__ = ["block_causal_attention", "flow_step", "gated_residual", "gelu_mul", "rms_norm_modulate", "runs_interpreted"]
+__all__ = ["block_causal_attention", "flow_step", "gated_residual", "gelu_mul", "rms_norm_modulate", "rotate_into_cache",
+           "runs_interpreted", "sdpa_block_causal_attention"]
 
 
 def runs_interpreted() -> bool:

@@ -6,6 +6,11 @@ cells followed by the new tokens; a new token sees the new tokens of its own and
 computed from indices, so no mask tensor exists. RoPE is applied to queries and keys as they are
 loaded, and the rotated keys/values of the first ``num_commit`` new tokens are written into the cache
 in place, after its ``cache_len`` finished tokens. Softmax is online (one pass over the keys), in fp32.
+
+For large batches in bf16/fp16 there is a second route, ``sdpa_block_causal_attention``: a small
+kernel rotates the new queries and writes the rotated keys and values into the cache, then PyTorch's
+``scaled_dot_product_attention`` (FlashAttention on GPUs) attends one query cell at a time, which
+needs no mask. ``xar_infer.backends`` chooses between the two.
 """
 
 from __future__ import annotations
@@ -13,24 +18,30 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 
 @triton.jit
+def _rotate(x, cos, sin, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows of an fp32 [tokens, head_dim] tile rotated by their RoPE angles: channel pairs (2i, 2i+1)
+    become (x0 cos - x1 sin, x1 cos + x0 sin). The partner of each channel comes from the tile itself
+    (split into even and odd channels and joined back swapped), so every load is a contiguous vector load."""
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_D // 2, 2)))
+    x_pair = tl.reshape(tl.join(-x_odd, x_even), (BLOCK_R, BLOCK_D))  # (-x1, x0) for each pair
+    return x * cos + x_pair * sin
+
+
+@triton.jit
 def _load_rotated(ptrs, rows, row_mask, cos_ptr, sin_ptr, stride_rope, offs_d, d_mask,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows of a [tokens, head_dim] tile rotated by their RoPE angles, in fp32: channel pairs
-    (2i, 2i+1) become (x0 cos - x1 sin, x1 cos + x0 sin). The partner of each channel comes from
-    the loaded tile itself (split into even and odd channels and joined back swapped), so every load
-    is a contiguous vector load."""
+    """Rows of a [tokens, head_dim] tile, loaded and rotated (``_rotate``), in fp32."""
     mask = row_mask[:, None] & d_mask[None, :]
     x = tl.load(ptrs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     cos = tl.load(cos_ptr + rows[:, None] * stride_rope + offs_d[None, :], mask=mask, other=0.0)
     sin = tl.load(sin_ptr + rows[:, None] * stride_rope + offs_d[None, :], mask=mask, other=0.0)
-    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_D // 2, 2)))
-    x_pair = tl.reshape(tl.join(-x_odd, x_even), (BLOCK_R, BLOCK_D))  # (-x1, x0) for each pair
-    return x * cos + x_pair * sin
+    return _rotate(x, cos, sin, BLOCK_R, BLOCK_D)
 
 
 @triton.jit
@@ -122,6 +133,39 @@ def _block_causal_attention_kernel(
         tl.store(cache_v + rows, v_new, mask=commit_mask[:, None] & d_mask[None, :])
 
 
+@triton.jit
+def _rotate_into_cache_kernel(
+    Q, K, V, COS, SIN, Q_OUT, CACHE_K, CACHE_V,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_cb, stride_ch, stride_cn,
+    stride_rope,
+    num_heads, num_new, cache_len,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # One program per (block of tokens, batch row), looping over the heads: the RoPE tables of its
+    # tokens are loaded once for all of them.
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(1)
+    dtype = Q.dtype.element_ty
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < num_new)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    cos = tl.load(COS + rows[:, None] * stride_rope + offs_d[None, :], mask=mask, other=0.0)
+    sin = tl.load(SIN + rows[:, None] * stride_rope + offs_d[None, :], mask=mask, other=0.0)
+    cache_rows = (cache_len + rows)[:, None] * stride_cn + offs_d[None, :]
+    for h in range(num_heads):
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :], mask=mask, other=0.0)
+        k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :], mask=mask)
+        q_rot = _rotate(q.to(tl.float32), cos, sin, BLOCK_T, BLOCK_D).to(dtype)
+        k_rot = _rotate(k.to(tl.float32), cos, sin, BLOCK_T, BLOCK_D).to(dtype)
+        tl.store(Q_OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :], q_rot, mask=mask)
+        tl.store(CACHE_K + b * stride_cb + h * stride_ch + cache_rows, k_rot, mask=mask)
+        tl.store(CACHE_V + b * stride_cb + h * stride_ch + cache_rows, v, mask=mask)
+
+
 def channel_block(head_dim: int) -> int:
     """The kernel's tile width over channels: the head dim rounded up to a power of two (at least 16)."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -142,18 +186,8 @@ def launch_config(num_new: int, head_dim: int, dtype: torch.dtype, batch_heads: 
     return {"BLOCK_M": block_m, "BLOCK_N": 64 if num_new > 64 else 32, "num_warps": 4, "num_stages": 1}
 
 
-def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           cache_k: torch.Tensor, cache_v: torch.Tensor, cache_len: int, num_commit: int,
-                           tokens_per_cell: int, config: dict | None = None) -> torch.Tensor:
-    """Attention of ``N`` new tokens over ``cache_len`` cached ones and themselves, block-causal by cell.
-
-    ``q, k, v``: [B, N, heads, head_dim], not yet rotated, any strides with a unit last one (e.g. views
-    into the fused qkv projection). ``cos, sin``: fp32 [N, head_dim] RoPE tables of the new tokens'
-    positions. ``cache_k, cache_v``: [B_cache >= B, heads, max_len, head_dim]; rows ``[0, cache_len)``
-    are read, the rotated keys/values of new tokens ``[0, num_commit)`` are written at
-    ``[cache_len, cache_len + num_commit)``. ``N`` is a whole number of cells. Returns [B, N, heads, head_dim].
-    ``config`` overrides ``launch_config``'s choice (for tuning; see benchmarks/attention.py --sweep).
-    """
+def _check_inputs(q, k, v, cos, sin, cache_k, cache_v, cache_len: int, num_commit: int, tokens_per_cell: int = 1) -> None:
+    """Shapes, dtypes and layouts that both attention routes rely on; a clear ValueError otherwise."""
     B, N, H, D = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -174,6 +208,21 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     if any(t.stride(-1) != 1 for t in (q, k, v, cache_k, cos)):
         raise ValueError("the last dimension of q, k, v, the cache and the RoPE tables must be contiguous")
 
+
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           cache_k: torch.Tensor, cache_v: torch.Tensor, cache_len: int, num_commit: int,
+                           tokens_per_cell: int, config: dict | None = None) -> torch.Tensor:
+    """Attention of ``N`` new tokens over ``cache_len`` cached ones and themselves, block-causal by cell.
+
+    ``q, k, v``: [B, N, heads, head_dim], not yet rotated, any strides with a unit last one (e.g. views
+    into the fused qkv projection). ``cos, sin``: fp32 [N, head_dim] RoPE tables of the new tokens'
+    positions. ``cache_k, cache_v``: [B_cache >= B, heads, max_len, head_dim]; rows ``[0, cache_len)``
+    are read, the rotated keys/values of new tokens ``[0, num_commit)`` are written at
+    ``[cache_len, cache_len + num_commit)``. ``N`` is a whole number of cells. Returns [B, N, heads, head_dim].
+    ``config`` overrides ``launch_config``'s choice (for tuning; see benchmarks/attention.py --sweep).
+    """
+    _check_inputs(q, k, v, cos, sin, cache_k, cache_v, cache_len, num_commit, tokens_per_cell)
+    B, N, H, D = q.shape
     out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
     config = config or launch_config(N, D, q.dtype, B * H)
     grid = (triton.cdiv(N, config["BLOCK_M"]), B * H)
@@ -193,4 +242,58 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         enable_fp_fusion=False,
         **config,
     )
+    return out
+
+
+# 16 token rows per program: its fp32 RoPE tables (16 x up to 128 channels) stay in registers.
+ROTATE_LAUNCH = {"BLOCK_T": 16, "num_warps": 4, "num_stages": 1}
+
+
+def rotate_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      cache_k: torch.Tensor, cache_v: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """RoPE on the new tokens, with their keys and values stored in the cache: returns the rotated ``q``
+    [B, N, heads, head_dim] and writes the rotated ``k`` and ``v`` of all ``N`` tokens at
+    ``[cache_len, cache_len + N)`` of ``cache_k, cache_v`` [B_cache >= B, heads, max_len, head_dim].
+    Rotations round to the input dtype exactly as ``model.apply_rope`` does. Inputs as for
+    ``block_causal_attention``."""
+    _check_inputs(q, k, v, cos, sin, cache_k, cache_v, cache_len, num_commit=q.shape[1])
+    B, N, H, D = q.shape
+    q_rot = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+    _rotate_into_cache_kernel[(triton.cdiv(N, ROTATE_LAUNCH["BLOCK_T"]), B)](
+        q, k, v, cos, sin, q_rot, cache_k, cache_v,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        q_rot.stride(0), q_rot.stride(1), q_rot.stride(2),
+        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+        cos.stride(0),
+        H, N, cache_len,
+        HEAD_DIM=D, BLOCK_D=channel_block(D),
+        enable_fp_fusion=False,  # round as the reference's separate products and sum do
+        **ROTATE_LAUNCH,
+    )
+    return q_rot
+
+
+def sdpa_block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_len: int,
+                                tokens_per_cell: int) -> torch.Tensor:
+    """What ``block_causal_attention`` computes, by ``rotate_into_cache`` and then PyTorch's
+    ``scaled_dot_product_attention`` once per query cell. Each query cell sees exactly the cache up to
+    its own last token, so no call needs a mask and SDPA can use FlashAttention (bf16/fp16 on GPUs).
+    All ``N`` new tokens are written to the cache (``model.cached_attention`` does the same): only the
+    caller's ``cache_len`` says which rows are finished. Returns [B, N, heads, head_dim]."""
+    _check_inputs(q, k, v, cos, sin, cache_k, cache_v, cache_len, q.shape[1], tokens_per_cell)
+    q_rot = rotate_into_cache(q, k, v, cos, sin, cache_k, cache_v, cache_len)
+    B, N = q.shape[:2]
+    queries = q_rot.transpose(1, 2)  # [B, heads, N, head_dim]: the layout SDPA takes, without a copy
+    if N == tokens_per_cell:
+        end = cache_len + N
+        return F.scaled_dot_product_attention(queries, cache_k[:B, :, :end], cache_v[:B, :, :end]).transpose(1, 2)
+    out = torch.empty_like(q_rot)
+    for first in range(0, N, tokens_per_cell):
+        end = cache_len + first + tokens_per_cell
+        cell = F.scaled_dot_product_attention(queries[:, :, first:first + tokens_per_cell], cache_k[:B, :, :end],
+                                              cache_v[:B, :, :end])
+        out[:, first:first + tokens_per_cell] = cell.transpose(1, 2)
     return out

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")  # a Linux dependency; the rest of the package works without it
 
 from xar_infer.kernels import block_causal_attention, flow_step, gated_residual, gelu_mul, rms_norm_modulate  # noqa: E402
+from xar_infer.kernels import rotate_into_cache, sdpa_block_causal_attention  # noqa: E402
 from xar_infer.kernels.attention import launch_config  # noqa: E402
 from xar_infer.model import KVCache, apply_rope, block_causal_mask, cached_attention, rms_norm  # noqa: E402
 from xar_infer.model import gated_residual as gated_residual_ref  # noqa: E402
@@ -61,11 +62,12 @@ def _truth(q, k, v, cos, sin, cache, batch):
 @pytest.mark.parametrize("head_dim", [16, 64, 80])
 @pytest.mark.parametrize("cache_len", [0, 64, 128, 192])
 @pytest.mark.parametrize("step", ["first", "later"])
-@pytest.mark.parametrize("programs", ["few", "many"])
-def test_attention_matches_reference(dtype, head_dim, cache_len, step, programs):
+@pytest.mark.parametrize("route", ["fused, few programs", "fused, many programs", "sdpa"])
+def test_attention_matches_reference(dtype, head_dim, cache_len, step, route):
     """Both query shapes: the first step of a cell ([previous clean cell ; noisy cell], commits the clean
     one) and every later step (one cell, commits nothing). Odd batch, strided q/k/v from one qkv tensor.
-    Both families of launch configuration: for few (batch, head) programs and for many."""
+    Both routes: the fused kernel with either family of launch configuration (for few (batch, head)
+    programs and for many), and rotate_into_cache followed by SDPA per query cell."""
     torch.manual_seed(head_dim + cache_len)
     batch, heads = 3, 2
     num_new, num_commit = (2 * T, T) if step == "first" else (T, 0)
@@ -80,22 +82,55 @@ def test_attention_matches_reference(dtype, head_dim, cache_len, step, programs)
     kernel_cache.values[0][:, :, :cache_len] = reference_cache.values[0][:, :, :cache_len]
     before_k, before_v = kernel_cache.keys[0].clone(), kernel_cache.values[0].clone()
 
-    config = launch_config(num_new, head_dim, dtype, batch_heads=batch * heads if programs == "few" else 4096)
-    out = block_causal_attention(q, k, v, cos, sin, kernel_cache.keys[0], kernel_cache.values[0], cache_len, num_commit, T,
-                                 config)
+    if route == "sdpa":
+        out = sdpa_block_causal_attention(q, k, v, cos, sin, kernel_cache.keys[0], kernel_cache.values[0], cache_len, T)
+        written = num_new  # every new token, like the reference; the caller's cache length marks the finished ones
+    else:
+        config = launch_config(num_new, head_dim, dtype, batch_heads=batch * heads if "few" in route else 4096)
+        out = block_causal_attention(q, k, v, cos, sin, kernel_cache.keys[0], kernel_cache.values[0], cache_len,
+                                     num_commit, T, config)
+        written = num_commit
     expected = cached_attention(q, k, v, cos, sin, reference_cache, 0, num_commit, T)
     truth = _truth(q, k, v, cos, sin, reference_cache, batch)
 
     assert out.dtype == dtype and out.shape == (batch, num_new, heads, head_dim)
     assert (out.double() - truth).abs().max().item() <= ATTENTION_TOL[dtype]
     assert (expected.double() - truth).abs().max().item() <= ATTENTION_TOL[dtype]  # the bound is one both meet
-    # Committed rows hold exactly the reference's rotated keys and values; nothing else changed.
-    end = cache_len + num_commit
+    # Written rows hold exactly the reference's rotated keys and values; nothing else changed.
+    end = cache_len + written
     assert torch.equal(kernel_cache.keys[0][:, :, cache_len:end], reference_cache.keys[0][:, :, cache_len:end])
     assert torch.equal(kernel_cache.values[0][:, :, cache_len:end], reference_cache.values[0][:, :, cache_len:end])
     for after, before in ((kernel_cache.keys[0], before_k), (kernel_cache.values[0], before_v)):
         assert torch.equal(after[:, :, :cache_len], before[:, :, :cache_len])
         assert after[:, :, end:].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [16, 80])
+@pytest.mark.parametrize("num_new", [16, 64, 128])
+def test_rotate_into_cache_equals_apply_rope(dtype, head_dim, num_new):
+    """The rotated queries and the stored keys equal model.apply_rope bit for bit (the same fp32
+    products and sum, rounded once), the values are copied, only the rows of the new tokens of the
+    batch's own rows change (a cache for a doubled batch, odd batch, token counts below and above a
+    program's 16 rows), and q, k, v may be strided views of one qkv tensor."""
+    torch.manual_seed(num_new)
+    batch, heads, cache_len = 3, 2, 32
+    q, k, v = torch.randn(batch, num_new, 3, heads, head_dim, device=DEVICE).to(dtype).unbind(2)
+    angles = torch.rand(num_new, head_dim, device=DEVICE) * 6
+    cos, sin = angles.cos(), angles.sin()
+    cache = _cache(2 * batch, heads, cache_len + num_new + 16, head_dim, dtype, cache_len)
+    before_k, before_v = cache.keys[0].clone(), cache.values[0].clone()
+
+    q_rot = rotate_into_cache(q, k, v, cos, sin, cache.keys[0], cache.values[0], cache_len)
+
+    end = cache_len + num_new
+    assert q_rot.shape == q.shape and q_rot.dtype == dtype
+    assert torch.equal(q_rot, apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2))
+    assert torch.equal(cache.keys[0][:batch, :, cache_len:end], apply_rope(k.transpose(1, 2), cos, sin))
+    assert torch.equal(cache.values[0][:batch, :, cache_len:end], v.transpose(1, 2))
+    for after, before in ((cache.keys[0], before_k), (cache.values[0], before_v)):
+        assert torch.equal(after[:, :, :cache_len], before[:, :, :cache_len])
+        assert after[:, :, end:].isnan().all() and after[batch:, :, cache_len:].isnan().all()
 
 
 @pytest.mark.parametrize("num_new", [16, 48])
@@ -129,6 +164,11 @@ def test_attention_rejects_bad_inputs():
         block_causal_attention(q, q, q, cos, cos, cache, cache, 96, 64, 64)
     with pytest.raises(ValueError, match="does not fit"):
         block_causal_attention(q, q, q, cos, cos, cache[:, :1], cache[:, :1], 0, 0, 64)
+    # The SDPA route stores every new token, so all of them must fit after the finished ones.
+    with pytest.raises(ValueError, match="cannot commit 64 of 64 tokens after 96"):
+        rotate_into_cache(q, q, q, cos, cos, cache, cache, 96)
+    with pytest.raises(ValueError, match="whole cells"):
+        sdpa_block_causal_attention(q, q, q, cos, cos, cache, cache, 0, 48)
 
 
 # flow_step: the same operations in the same order as the reference, in the state's dtype. The
