@@ -9,6 +9,8 @@ tokens of which 64 are committed to the cache; a later step: 64 new tokens) at c
 times, as medians after a warm-up:
 
 * ``triton``: ``xar_infer.kernels.block_causal_attention``, which also rotates q/k and writes the cache;
+* ``triton rope + sdpa``: ``xar_infer.kernels.sdpa_block_causal_attention``, the Triton backend's route
+  for large bf16/fp16 batches: a Triton kernel rotates q/k and writes the cache, then SDPA per query cell;
 * ``torch path``: ``model.cached_attention`` (RoPE, cache write, SDPA with a mask on first steps),
   what the PyTorch backend runs;
 * ``sdpa``: ``scaled_dot_product_attention`` alone on already rotated q and cached k/v;
@@ -61,7 +63,7 @@ def timed_median(fn, device: str, repeats: int) -> float:
 
 def case(heads: int, head_dim: int, batch: int, cache_len: int, first: bool, device: str, dtype: torch.dtype,
          with_flex: bool = True):
-    from xar_infer.kernels import block_causal_attention
+    from xar_infer.kernels import block_causal_attention, sdpa_block_causal_attention
     from xar_infer.model import KVCache, apply_rope, block_causal_mask, cached_attention
 
     num_new, num_commit = (2 * T, T) if first else (T, 0)
@@ -86,6 +88,9 @@ def case(heads: int, head_dim: int, batch: int, cache_len: int, first: bool, dev
         # A launch configuration can be passed as config= (the sweep does).
         "triton": functools.partial(block_causal_attention, q, k, v, cos, sin, cache.keys[0], cache.values[0], cache_len,
                                     num_commit, T),
+        # Writes the same rotated keys and values into the cache rows that "sdpa" reads.
+        "triton rope + sdpa": functools.partial(sdpa_block_causal_attention, q, k, v, cos, sin, cache.keys[0],
+                                                cache.values[0], cache_len, T),
         "torch path": lambda: cached_attention(q, k, v, cos, sin, cache, 0, num_commit, T),
         "sdpa": lambda: F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask).transpose(1, 2),
     }
@@ -198,11 +203,12 @@ def main(argv=None) -> None:
     columns = [c for c in rows[0] if c.endswith(" us")]
     lines = [f"# Attention microbenchmark: {device_name}, {dtype_name}", "", f"`{report['command']}`, torch {torch.__version__}; "
              "median microseconds per call.", "",
-             "| model | batch | cache | step | " + " | ".join(columns) + " | triton vs sdpa |",
-             "|---|---:|---:|---|" + "---:|" * (len(columns) + 1)]
+             "| model | batch | cache | step | " + " | ".join(columns) + " | triton vs sdpa | rope + sdpa vs triton |",
+             "|---|---:|---:|---|" + "---:|" * (len(columns) + 2)]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['cache_len']} | {r['step']} | "
-                     + " | ".join(f"{r[c]:.1f}" for c in columns) + f" | {r['sdpa us'] / r['triton us']:.2f}x |")
+                     + " | ".join(f"{r[c]:.1f}" for c in columns)
+                     + f" | {r['sdpa us'] / r['triton us']:.2f}x | {r['triton us'] / r['triton rope + sdpa us']:.2f}x |")
     (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out_dir / name}.json and .md")
 

@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 # First match wins; names are lower-cased.
 CATEGORIES = [
     ("attention (Triton)", ("_block_causal_attention_kernel",)),
+    ("RoPE + cache write (Triton)", ("_rotate_into_cache",)),
     ("norm + modulation (Triton)", ("_rms_norm_modulate",)),
     ("gated residual (Triton)", ("_gated_residual",)),
     ("gelu product (Triton)", ("_gelu_mul",)),

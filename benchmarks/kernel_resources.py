@@ -1,5 +1,6 @@
-"""What the attention kernel compiles to on a GPU, without a GPU: registers, spills, shared memory and
-how global memory is read, per launch configuration that ``launch_config`` picks.
+"""What the attention kernels compile to on a GPU, without a GPU: registers, spills, shared memory and
+how global memory is read, for the fused kernel in each launch configuration that ``launch_config``
+picks and for the SDPA route's RoPE and cache-write kernel.
 
     python benchmarks/kernel_resources.py                          # sm_90 (H100/H200), bf16, head dims 64 and 80
     python benchmarks/kernel_resources.py --arch 80 --dtype fp32   # another GPU or dtype
@@ -35,13 +36,9 @@ HERE = Path(__file__).resolve().parent
 CELL = 64  # tokens per cell: a later step has 64 queries, a cell's first step 128
 
 
-def compile_attention(arch: int, dtype: str, head_dim: int, config: dict):
-    """The attention kernel compiled for ``arch`` with ``config`` (tile sizes, warps, stages)."""
-    from xar_infer.kernels.attention import _block_causal_attention_kernel as kernel
-    from xar_infer.kernels.attention import channel_block
-
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": channel_block(head_dim), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
-                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+def compile_kernel(kernel, arch: int, dtype: str, constexprs: dict, launch: dict):
+    """``kernel`` compiled for ``arch``: its tensors of ``dtype`` (the RoPE tables fp32), the named
+    constexprs, and ``launch``'s warps and stages."""
     signature, aligned = {}, []
     for name in kernel.arg_names:
         if name in constexprs:
@@ -60,8 +57,25 @@ def compile_attention(arch: int, dtype: str, head_dim: int, config: dict):
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "enable_fp_fusion": False}
+    options = {"num_warps": launch["num_warps"], "num_stages": launch["num_stages"], "enable_fp_fusion": False}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_attention(arch: int, dtype: str, head_dim: int, config: dict):
+    """The fused attention kernel compiled for ``arch`` with ``config`` (tile sizes, warps, stages)."""
+    from xar_infer.kernels.attention import _block_causal_attention_kernel, channel_block
+
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": channel_block(head_dim), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    return compile_kernel(_block_causal_attention_kernel, arch, dtype, constexprs, config)
+
+
+def compile_rotate_into_cache(arch: int, dtype: str, head_dim: int):
+    """The SDPA route's RoPE and cache-write kernel, compiled for ``arch`` as ``rotate_into_cache`` launches it."""
+    from xar_infer.kernels.attention import ROTATE_LAUNCH, _rotate_into_cache_kernel, channel_block
+
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": channel_block(head_dim), "BLOCK_T": ROTATE_LAUNCH["BLOCK_T"]}
+    return compile_kernel(_rotate_into_cache_kernel, arch, dtype, constexprs, ROTATE_LAUNCH)
 
 
 def ptxas_report(compiled, arch: int) -> dict:
@@ -96,33 +110,39 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--name", default=None)
     args = parser.parse_args(argv)
-    from xar_infer.kernels.attention import launch_config
+    from xar_infer.kernels.attention import ROTATE_LAUNCH, launch_config
+
+    def describe(compiled) -> dict:
+        return {"shared_bytes": compiled.metadata.shared, **ptxas_report(compiled, args.arch), **global_loads(compiled.asm["ptx"])}
 
     rows = []
     for head_dim in map(int, args.head_dims.split(",")):
         for programs in args.programs.split(","):
             for step, num_new in (("first", 2 * CELL), ("later", CELL)):
                 config = launch_config(num_new, head_dim, DTYPES[args.dtype], 2 if programs == "few" else 4096)
-                compiled = compile_attention(args.arch, args.dtype, head_dim, config)
-                row = {"head_dim": head_dim, "programs": programs, "step": step, "config": config,
-                       "shared_bytes": compiled.metadata.shared, **ptxas_report(compiled, args.arch),
-                       **global_loads(compiled.asm["ptx"])}
+                row = {"kernel": "fused attention", "head_dim": head_dim, "programs": programs, "step": step, "config": config,
+                       **describe(compile_attention(args.arch, args.dtype, head_dim, config))}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        row = {"kernel": "rotate into cache", "head_dim": head_dim, "programs": "any", "step": "any", "config": ROTATE_LAUNCH,
+               **describe(compile_rotate_into_cache(args.arch, args.dtype, head_dim))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
     name = args.name or f"kernel-resources-sm{args.arch}-{args.dtype}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"arch": args.arch, "dtype": args.dtype, "triton": triton.__version__, "rows": rows,
               "command": " ".join(["python", "benchmarks/kernel_resources.py", *(argv or sys.argv[1:])])}
     (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Attention kernel compiled for sm_{args.arch}, {args.dtype} (no GPU involved)", "",
+    lines = [f"# Attention kernels compiled for sm_{args.arch}, {args.dtype} (no GPU involved)", "",
              f"`{report['command']}`, triton {triton.__version__}.", "",
-             "| head dim | programs | step | tiles (M x N), warps, stages | registers | spilled bytes (store/load) "
+             "| kernel | head dim | programs | step | tiles, warps, stages | registers | spilled bytes (store/load) "
              "| shared memory | vector / scalar global loads | PTX instructions |",
-             "|---:|---|---|---|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         c = r["config"]
-        lines.append(f"| {r['head_dim']} | {r['programs']} | {r['step']} | {c['BLOCK_M']} x {c['BLOCK_N']}, {c['num_warps']}, "
+        tiles = f"{c['BLOCK_M']} x {c['BLOCK_N']}" if "BLOCK_M" in c else f"{c['BLOCK_T']} rows"
+        lines.append(f"| {r['kernel']} | {r['head_dim']} | {r['programs']} | {r['step']} | {tiles}, {c['num_warps']}, "
                      f"{c['num_stages']} | {r['registers']} | {r['spill_store_bytes']} / {r['spill_load_bytes']} "
                      f"| {r['shared_bytes']} | {r['vector_loads']} / {r['scalar_loads']} | {r['ptx_instructions']} |")
     (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -80,20 +80,42 @@ def test_quick_run_reports_every_contender(tmp_path):
     assert (tmp_path / "quick.png").stat().st_size > 0
 
 
+def _generate_with_op_names(contender):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        latents = contender.generate(1, 2)
+    return latents, {event.name for event in prof.events()}
+
+
 def test_mkl_contender_runs_the_linear_layers_by_f_linear():
     """``xar-b+torch+mkl`` measures what oneDNN gains: the same generation, its products by F.linear."""
     from contenders import XARContender
 
-    def generate(contender):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            latents = contender.generate(1, 2)
-        return latents, {event.name for event in prof.events()}
-
+    generate = _generate_with_op_names
     plain, plain_ops = generate(XARContender("xar-digits", "cpu", torch.float32))
     mkl, mkl_ops = generate(XARContender("xar-digits", "cpu", torch.float32, backend="torch+mkl"))
     assert "mkldnn::_linear_pointwise" in plain_ops and "mkldnn::_linear_pointwise" not in mkl_ops
     assert torch.backends.mkldnn.enabled  # switched back on after the call
     assert torch.allclose(plain, mkl, atol=1e-4)  # the same fp32 model, summed in another order
+
+
+@pytest.mark.triton
+def test_fused_contender_keeps_the_fused_attention_kernel(monkeypatch):
+    """``xar-l+triton+fused`` measures what the SDPA route gains: with the route's threshold lowered so
+    that every fp16 call would take it, the plain triton contender calls SDPA and the +fused one does
+    not, and the threshold is back afterwards."""
+    from contenders import XARContender
+
+    from xar_infer import backends
+
+    monkeypatch.setattr(backends, "SDPA_MIN_BATCH_HEADS", 1)
+    with pytest.warns(UserWarning, match="float16"):  # fp16 on a CPU: slow, but the route is what counts here
+        routed, routed_ops = _generate_with_op_names(XARContender("xar-digits", "cpu", torch.float16, backend="triton"))
+        fused, fused_ops = _generate_with_op_names(XARContender("xar-digits", "cpu", torch.float16, backend="triton+fused"))
+    assert "aten::scaled_dot_product_attention" in routed_ops and "aten::scaled_dot_product_attention" not in fused_ops
+    assert backends.SDPA_MIN_BATCH_HEADS == 1
+    assert ((routed.float() - fused.float()).norm() / fused.float().norm()).item() < 0.03  # test_backends' fp16 bound
+    with pytest.raises(ValueError, match="for triton"):
+        XARContender("xar-digits", "cpu", torch.float32, backend="torch+fused")
 
 
 @pytest.mark.triton
@@ -109,7 +131,7 @@ def test_attention_microbenchmark_runs(tmp_path):
     assert [(r["step"], r["cache_len"]) for r in report["rows"]] == [("first", 64), ("later", 64)]
     for row in report["rows"]:
         assert row["max_difference"] < 2e-5
-        assert all(row[f"{name} us"] > 0 for name in ("triton", "torch path", "sdpa"))
+        assert all(row[f"{name} us"] > 0 for name in ("triton", "triton rope + sdpa", "torch path", "sdpa"))
     assert "| xar-b | 1 | 64 | first |" in (tmp_path / "smoke.md").read_text()
 
 
@@ -145,6 +167,7 @@ def test_kernel_profile_sorts_kernel_names_into_categories():
     assert category("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_64x3_tn_align2>") == "matrix products"
     assert category("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "matrix products"
     assert category("_block_causal_attention_kernel") == "attention (Triton)"
+    assert category("_rotate_into_cache_kernel") == "RoPE + cache write (Triton)"
     assert category("pytorch_flash::flash_fwd_kernel<...>") == "attention (PyTorch)"
     assert category("_rms_norm_modulate_kernel") == "norm + modulation (Triton)"
     assert category("void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<float>>") == "other"
@@ -164,13 +187,15 @@ def test_kernel_profile_runs_on_cpu(tmp_path):
 
 
 @pytest.mark.triton
-def test_attention_kernel_compiles_for_hopper_with_vector_loads_only(tmp_path):
-    """Compiled for sm_90 without a GPU (Triton's own LLVM and ptxas): every global read of the
-    attention kernel is a 16-byte vector load and nothing spills, in the launch configuration of a
-    later step with many programs (most of a large batch's attention time)."""
+def test_attention_kernels_compile_for_hopper_with_vector_loads_only(tmp_path):
+    """Compiled for sm_90 without a GPU (Triton's own LLVM and ptxas): every global read is a 16-byte
+    vector load and nothing spills, for the fused kernel in the launch configuration of a later step
+    with many programs and for the SDPA route's RoPE and cache-write kernel."""
     subprocess.run([sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dims", "64", "--programs", "many",
                     "--out-dir", str(tmp_path), "--name", "smoke"], check=True, capture_output=True, timeout=600)
     rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
-    later = next(r for r in rows if r["step"] == "later")
-    assert later["vector_loads"] > 0 and later["scalar_loads"] == 0
-    assert later["spill_store_bytes"] == 0 and 0 < later["registers"] <= 255
+    later = next(r for r in rows if r["kernel"] == "fused attention" and r["step"] == "later")
+    rotate = next(r for r in rows if r["kernel"] == "rotate into cache")
+    for row in (later, rotate):
+        assert row["vector_loads"] > 0 and row["scalar_loads"] == 0
+        assert row["spill_store_bytes"] == 0 and 0 < row["registers"] <= 255
