@@ -31,7 +31,8 @@ CATEGORIES = [
     ("gelu product (Triton)", ("_gelu_mul",)),
     ("flow step (Triton)", ("_flow_step",)),
     ("attention (PyTorch)", ("flash", "fmha", "attention", "sdpa")),
-    ("matrix products", ("gemm", "cutlass", "nvjet", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("matrix products", ("gemm", "cutlass", "nvjet", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                         "mkldnn::_linear_pointwise")),
 ]
 
 
@@ -69,7 +70,8 @@ def main(argv=None) -> None:
 
     kernels = {}
     for event in prof.key_averages():
-        is_kernel = event.device_type == torch.autograd.DeviceType.CUDA if cuda else event.key.startswith("aten::")
+        # On CPU: operators, which have a namespace (aten::, and mkldnn:: for the fp32 linear layers).
+        is_kernel = event.device_type == torch.autograd.DeviceType.CUDA if cuda else "::" in event.key
         if not is_kernel:
             continue
         seconds = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e6

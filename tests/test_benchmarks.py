@@ -166,6 +166,7 @@ def test_kernel_profile_sorts_kernel_names_into_categories():
 
     assert category("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_64x3_tn_align2>") == "matrix products"
     assert category("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "matrix products"
+    assert category("mkldnn::_linear_pointwise") == "matrix products"  # fp32 linear layers on CPU
     assert category("_block_causal_attention_kernel") == "attention (Triton)"
     assert category("_rotate_into_cache_kernel") == "RoPE + cache write (Triton)"
     assert category("pytorch_flash::flash_fwd_kernel<...>") == "attention (PyTorch)"
@@ -183,6 +184,8 @@ def test_kernel_profile_runs_on_cpu(tmp_path):
     assert report["kernel_seconds"] > 0
     assert sum(report["by_category"].values()) == pytest.approx(report["kernel_seconds"])
     assert {"matrix products", "attention (PyTorch)"} <= report["by_category"].keys()
+    # The linear layers run as oneDNN operators (backends.onednn_linear), not aten ones: they count too.
+    assert report["kernels"]["mkldnn::_linear_pointwise"]["category"] == "matrix products"
     assert "| category | seconds | share |" in (tmp_path / "smoke.md").read_text()
 
 
