@@ -187,7 +187,8 @@ def launch_config(num_new: int, head_dim: int, dtype: torch.dtype, batch_heads: 
 
 
 def _check_inputs(q, k, v, cos, sin, cache_k, cache_v, cache_len: int, num_commit: int, tokens_per_cell: int = 1) -> None:
-    """Shapes, dtypes and layouts that both attention routes rely on; a clear ValueError otherwise."""
+    """Shapes, dtypes and layouts that both attention routes rely on; a clear ValueError otherwise.
+    ``tokens_per_cell=1`` accepts any number of new tokens (``rotate_into_cache`` knows no cells)."""
     B, N, H, D = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -283,7 +284,8 @@ def sdpa_block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     its own last token, so no call needs a mask and SDPA can use FlashAttention (bf16/fp16 on GPUs).
     All ``N`` new tokens are written to the cache (``model.cached_attention`` does the same): only the
     caller's ``cache_len`` says which rows are finished. Returns [B, N, heads, head_dim]."""
-    _check_inputs(q, k, v, cos, sin, cache_k, cache_v, cache_len, q.shape[1], tokens_per_cell)
+    if q.shape[1] % tokens_per_cell:  # the rest is checked by rotate_into_cache
+        raise ValueError(f"need whole cells of {tokens_per_cell} tokens, got {q.shape[1]} tokens")
     q_rot = rotate_into_cache(q, k, v, cos, sin, cache_k, cache_v, cache_len)
     B, N = q.shape[:2]
     queries = q_rot.transpose(1, 2)  # [B, heads, N, head_dim]: the layout SDPA takes, without a copy
