@@ -210,6 +210,12 @@ def _check_inputs(q, k, v, cos, sin, cache_k, cache_v, cache_len: int, num_commi
         raise ValueError("the last dimension of q, k, v, the cache and the RoPE tables must be contiguous")
 
 
+def _leading_strides(*tensors: torch.Tensor) -> list[int]:
+    """The strides of each tensor's first three dimensions, in order: the kernels' stride arguments
+    (every last dimension is contiguous)."""
+    return [stride for t in tensors for stride in t.stride()[:3]]
+
+
 def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            cache_k: torch.Tensor, cache_v: torch.Tensor, cache_len: int, num_commit: int,
                            tokens_per_cell: int, config: dict | None = None) -> torch.Tensor:
@@ -229,12 +235,7 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     grid = (triton.cdiv(N, config["BLOCK_M"]), B * H)
     _block_causal_attention_kernel[grid](
         q, k, v, cos, sin, cache_k, cache_v, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        cos.stride(0),
+        *_leading_strides(q, k, v, cache_k, out), cos.stride(0),
         H, N, cache_len, num_commit, tokens_per_cell, math.log2(math.e) / math.sqrt(D),
         HEAD_DIM=D, BLOCK_D=channel_block(D),
         # fp32 models stay exact: no TF32 in the products.
@@ -262,12 +263,7 @@ def rotate_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     q_rot = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
     _rotate_into_cache_kernel[(triton.cdiv(N, ROTATE_LAUNCH["BLOCK_T"]), B)](
         q, k, v, cos, sin, q_rot, cache_k, cache_v,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        q_rot.stride(0), q_rot.stride(1), q_rot.stride(2),
-        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        cos.stride(0),
+        *_leading_strides(q, k, v, q_rot, cache_k), cos.stride(0),
         H, N, cache_len,
         HEAD_DIM=D, BLOCK_D=channel_block(D),
         enable_fp_fusion=False,  # round as the reference's separate products and sum do
