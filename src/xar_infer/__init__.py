@@ -1,19 +1,21 @@
 """xar_infer: exact, fast inference for xAR class-conditional image generators."""
 
-from .checkpoint_io import CheckpointError
+from .errors import CheckpointError, InvalidArgumentError, NumericalError, XARError
 from .config import PRESETS, XARConfig
 from .loading import convert_checkpoint
 from .model import KVCache, XARTransformer
-from .pipeline import NumericalError, XARPipeline, XARPipelineOutput
+from .pipeline import XARPipeline, XARPipelineOutput
 from .vae import load_vae
 from .vae_tiling import vae_tiling_backend
 
 __all__ = [
     "CheckpointError",
+    "InvalidArgumentError",
     "KVCache",
     "NumericalError",
     "PRESETS",
     "XARConfig",
+    "XARError",
     "XARPipeline",
     "XARPipelineOutput",
     "XARTransformer",

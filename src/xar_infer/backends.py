@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidArgumentError
 from .model import BlockOps
 from .sampling import flow_step
 
@@ -103,18 +104,18 @@ def resolve_backend(name: str, device: torch.device | str) -> Backend:
     it is installed, PyTorch otherwise). Triton on CPU runs its kernels through Triton's interpreter,
     which must be switched on with ``TRITON_INTERPRET=1`` before xar_infer's kernels are imported."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+        raise InvalidArgumentError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     device = torch.device(device)
     if name == "torch" or (name == "auto" and not (device.type == "cuda" and triton_available())):
         return TORCH
     if not triton_available():
-        raise ValueError("backend='triton' needs the triton package (pip install triton, Linux); "
+        raise InvalidArgumentError("backend='triton' needs the triton package (pip install triton, Linux); "
                          "use backend='torch' or 'auto'")
     if device.type != "cuda":
         from . import kernels
 
         if device.type != "cpu" or not kernels.runs_interpreted():
-            raise ValueError(f"backend='triton' runs on CUDA devices, not {device.type}; on CPU it runs only "
+            raise InvalidArgumentError(f"backend='triton' runs on CUDA devices, not {device.type}; on CPU it runs only "
                              "under Triton's interpreter (set TRITON_INTERPRET=1 before starting Python, slow, "
                              "for testing): use backend='torch' or 'auto' here")
     return _triton_backend()

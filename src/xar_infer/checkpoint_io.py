@@ -12,9 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-
-class CheckpointError(ValueError):
-    """A weight file is missing, unreadable, or does not fit the model it is loaded into."""
+from .errors import CheckpointError
 
 
 def read_state_dict(path: str | os.PathLike, nested_key: str | None = None) -> dict[str, torch.Tensor]:

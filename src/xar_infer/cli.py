@@ -21,11 +21,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoint_io import CheckpointError
+from .errors import InvalidArgumentError, XARError
 from .backends import BACKENDS, resolve_backend
 from .config import PRESETS, find_preset
 from .imagenet import IMAGENET_NUM_CLASSES, class_name, resolve_class_label
@@ -50,9 +49,10 @@ VAE_HINT = (
     "or pass --latents-only to save the latents without decoding"
 )
 
-# Failures a user can cause (bad input, files, devices, downloads). Anything else is a bug and keeps
-# its traceback.
-USER_ERRORS = (ValueError, TypeError, KeyError, OSError, RuntimeError, SafetensorError)
+# Failures a user can cause: our own error types (bad input, files, settings, memory) and the
+# operating system's errors of file access; torch's out-of-memory error, which a smaller batch fixes.
+# Anything else is a bug and keeps its traceback.
+USER_ERRORS = (XARError, OSError, torch.OutOfMemoryError)
 
 _INT = re.compile(r"\s*[+-]?[0-9]+\s*")
 
@@ -68,9 +68,7 @@ def _first_line(text: str) -> str:
 
 def _one_line(exc: BaseException) -> str:
     """The first line of an exception's message (torch adds multi-line details below it)."""
-    # str() of a KeyError is the repr of its key, quotes included.
-    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    message = _first_line(text) or type(exc).__name__
+    message = _first_line(str(exc)) or type(exc).__name__
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         message += " (try a smaller --batch-size or --dtype bf16)"
     return message
@@ -254,35 +252,35 @@ def validate_generate_args(args: argparse.Namespace) -> None:
     if args.num_images is None:
         args.num_images = len(args.classes)
     if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+        raise InvalidArgumentError(f"--num-images must be at least 1, got {args.num_images}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise InvalidArgumentError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.steps is not None and min([args.steps] if isinstance(args.steps, int) else args.steps) < 1:
-        raise ValueError(f"--steps must be positive, got {args.steps}")
+        raise InvalidArgumentError(f"--steps must be positive, got {args.steps}")
     if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 1):
-        raise ValueError(f"--cfg must be a finite number >= 1 (1 turns guidance off), got {args.cfg}")
+        raise InvalidArgumentError(f"--cfg must be a finite number >= 1 (1 turns guidance off), got {args.cfg}")
     if args.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
-        raise ValueError(f"--sha256 must be 64 hexadecimal digits, got {args.sha256!r}")
+        raise InvalidArgumentError(f"--sha256 must be 64 hexadecimal digits, got {args.sha256!r}")
     if args.seed < 0 or args.seed + args.num_images - 1 > MAX_SEED:
-        raise ValueError(f"--seed must be between 0 and {MAX_SEED - args.num_images + 1} for "
+        raise InvalidArgumentError(f"--seed must be between 0 and {MAX_SEED - args.num_images + 1} for "
                          f"{args.num_images} image(s), got {args.seed}")
 
     if args.checkpoint is not None:
         if args.revision or args.cache_dir or args.local_files_only:
-            raise ValueError("--revision, --cache-dir and --local-files-only apply to --model only; "
+            raise InvalidArgumentError("--revision, --cache-dir and --local-files-only apply to --model only; "
                              "--checkpoint is read from disk as it is")
         if not Path(args.checkpoint).exists():
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     elif find_preset(args.model or DEFAULT_MODEL) is None:
-        raise ValueError(f"unknown model {args.model!r}: choose one of {', '.join(PRESETS)}, "
+        raise InvalidArgumentError(f"unknown model {args.model!r}: choose one of {', '.join(PRESETS)}, "
                          "or pass --checkpoint PATH for local weights")
 
     if args.latents_only and args.grid is not None:
-        raise ValueError("--grid needs decoded images; it cannot be combined with --latents-only")
+        raise InvalidArgumentError("--grid needs decoded images; it cannot be combined with --latents-only")
     if args.grid is not None and Path(args.grid).suffix.lower() != ".png":
-        raise ValueError(f"--grid must name a .png file, got {args.grid}")
+        raise InvalidArgumentError(f"--grid must name a .png file, got {args.grid}")
     if args.upscale < 1:
-        raise ValueError(f"--upscale must be at least 1, got {args.upscale}")
+        raise InvalidArgumentError(f"--upscale must be at least 1, got {args.upscale}")
     if args.vae is not None and not Path(args.vae).is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {args.vae}")
     if args.checkpoint is None:  # a preset: whether it needs a VAE is known before loading
@@ -292,9 +290,9 @@ def validate_generate_args(args: argparse.Namespace) -> None:
 def check_vae_choice(args: argparse.Namespace, pixel_space: bool) -> None:
     """Latent models need --vae to write images; pixel models take none."""
     if pixel_space and args.vae is not None:
-        raise ValueError("this model generates pixels directly; leave out --vae")
+        raise InvalidArgumentError("this model generates pixels directly; leave out --vae")
     if not pixel_space and args.vae is None and not args.latents_only:
-        raise ValueError(VAE_HINT)
+        raise InvalidArgumentError(VAE_HINT)
 
 
 def check_device(text: str) -> torch.device:
@@ -302,18 +300,18 @@ def check_device(text: str) -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError as exc:
-        raise ValueError(f"--device {text!r} is not a torch device ({_one_line(exc)})") from None
+        raise InvalidArgumentError(f"--device {text!r} is not a torch device ({_one_line(exc)})") from None
     if device.type == "cpu":
         return device
     device_module = getattr(torch, device.type, None)
     if device_module is None or not hasattr(device_module, "is_available"):
-        raise ValueError(f"--device {text!r}: {device.type} devices cannot run generation; use cpu or cuda")
+        raise InvalidArgumentError(f"--device {text!r}: {device.type} devices cannot run generation; use cpu or cuda")
     if not device_module.is_available():
-        raise ValueError(f"--device {text!r}: no {device.type} device is available on this machine "
+        raise InvalidArgumentError(f"--device {text!r}: no {device.type} device is available on this machine "
                          f"(torch {torch.__version__}); use --device cpu")
     count = device_module.device_count() if hasattr(device_module, "device_count") else 1
     if device.index is not None and device.index >= count:
-        raise ValueError(f"--device {text!r}: this machine has {count} {device.type} device(s), "
+        raise InvalidArgumentError(f"--device {text!r}: this machine has {count} {device.type} device(s), "
                          f"numbered from 0")
     return device
 
@@ -322,7 +320,7 @@ def check_device_options(args: argparse.Namespace, device: torch.device) -> None
     """--backend and --cuda-graphs against the device, before anything is loaded."""
     resolve_backend(args.backend, device)
     if args.cuda_graphs and device.type != "cuda":
-        raise ValueError(f"--cuda-graphs needs a CUDA device, not --device {args.device}; leave it out")
+        raise InvalidArgumentError(f"--cuda-graphs needs a CUDA device, not --device {args.device}; leave it out")
 
 
 def resolve_classes(values: Sequence[str], num_classes: int | None) -> list[int]:
@@ -335,7 +333,7 @@ def resolve_classes(values: Sequence[str], num_classes: int | None) -> list[int]
         if not _INT.fullmatch(value):
             ids.append(resolve_class_label(value, IMAGENET_NUM_CLASSES))
         elif int(value) < 0:
-            raise ValueError(f"class id {value!r} is negative; class ids start at 0")
+            raise InvalidArgumentError(f"class id {value!r} is negative; class ids start at 0")
         else:
             ids.append(int(value))
     return ids
@@ -432,14 +430,14 @@ def generate(args: argparse.Namespace) -> None:
 def check_sample_set_args(args: argparse.Namespace) -> None:
     if args.npz is None:
         if args.fid_labels or args.labels_file:
-            raise ValueError("--fid-labels and --labels-file choose the labels of an --npz sample set; add --npz FILE")
+            raise InvalidArgumentError("--fid-labels and --labels-file choose the labels of an --npz sample set; add --npz FILE")
         return
     if Path(args.npz).suffix != ".npz":
-        raise ValueError(f"--npz must name a .npz file, got {args.npz}")
+        raise InvalidArgumentError(f"--npz must name a .npz file, got {args.npz}")
     if args.latents_only or args.grid is not None or args.upscale != 1:
-        raise ValueError("--npz writes the images themselves; it cannot be combined with --latents-only, --grid or --upscale")
+        raise InvalidArgumentError("--npz writes the images themselves; it cannot be combined with --latents-only, --grid or --upscale")
     if args.classes and (args.fid_labels or args.labels_file):
-        raise ValueError("--class cannot be combined with --fid-labels or --labels-file")
+        raise InvalidArgumentError("--class cannot be combined with --fid-labels or --labels-file")
     check_targets([Path(args.npz)], args.overwrite)
     ensure_writable_dir(Path(args.npz).absolute().parent)
 
@@ -448,7 +446,7 @@ def sample_set_labels(args: argparse.Namespace, num_classes: int) -> np.ndarray:
     if args.labels_file is not None:
         labels = read_labels_file(args.labels_file, num_classes)
         if args.num_images_given and args.num_images != len(labels):
-            raise ValueError(f"--num-images {args.num_images} does not match the {len(labels)} labels of {args.labels_file}")
+            raise InvalidArgumentError(f"--num-images {args.num_images} does not match the {len(labels)} labels of {args.labels_file}")
         return labels
     if args.fid_labels:
         return fid_labels(args.num_images if args.num_images_given else 50 * num_classes, num_classes)
@@ -495,7 +493,7 @@ def generate_sample_set(args: argparse.Namespace) -> None:
         if distributed:
             dist.broadcast_object_list(problem, src=0)
         if problem[0] is not None:
-            raise ValueError(problem[0].split(": ", 1)[1])
+            raise InvalidArgumentError(problem[0].split(": ", 1)[1])
 
         done = samples.finished()
         batches = pending_batches(done, args.batch_size)

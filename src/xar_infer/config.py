@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from .errors import InvalidArgumentError
+
 HUB_REPO_ID = "OliverRen/xAR"
 
 
@@ -40,11 +42,11 @@ class XARConfig:
 
     def __post_init__(self):
         if self.dim % self.num_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+            raise InvalidArgumentError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:
-            raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
+            raise InvalidArgumentError(f"head_dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
         if self.grid_size % self.cell_size:
-            raise ValueError(f"grid_size {self.grid_size} is not a multiple of cell_size {self.cell_size}")
+            raise InvalidArgumentError(f"grid_size {self.grid_size} is not a multiple of cell_size {self.cell_size}")
 
     @property
     def head_dim(self) -> int:
@@ -74,7 +76,7 @@ class XARConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown XARConfig fields {sorted(unknown)}")
+            raise InvalidArgumentError(f"unknown XARConfig fields {sorted(unknown)}")
         return cls(**data)
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .errors import InvalidArgumentError
 from .model import BlockOps, XARTransformer
 from .sampling import ModulationTable
 
@@ -164,7 +165,7 @@ class CUDAGraphs:
                 ops: BlockOps) -> Iterator[_GraphedCalls]:
         """The network calls of one generation call for the batch ``labels`` (both guidance halves)."""
         if self.capture and labels.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {labels.device.type}; "
+            raise InvalidArgumentError(f"CUDA graphs need the model on a CUDA device, not {labels.device.type}; "
                              "turn them off (pipe.disable_cuda_graphs(), or drop --cuda-graphs)")
         # Another thread's call waits: both would write the same static buffers.
         self._lock.acquire()

@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import InvalidArgumentError
+
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = re.compile(r"^(\d{8})-(\d{8})\.npy$")
 # Fixed zip timestamps: the same images always give the same file, byte for byte.
@@ -47,12 +49,12 @@ def read_labels_file(path: str | os.PathLike, num_classes: int) -> np.ndarray:
         labels = np.load(path, allow_pickle=False) if path.suffix == ".npy" else \
             np.array(path.read_text().replace(",", " ").split(), dtype=np.int64)
     except ValueError as exc:
-        raise ValueError(f"{path}: expected integer class ids ({exc})") from None
+        raise InvalidArgumentError(f"{path}: expected integer class ids ({exc})") from None
     labels = np.asarray(labels).reshape(-1)
     if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: expected a non-empty list of integer class ids")
+        raise InvalidArgumentError(f"{path}: expected a non-empty list of integer class ids")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"{path}: class ids must be in [0, {num_classes}), found {labels.min()}..{labels.max()}")
+        raise InvalidArgumentError(f"{path}: class ids must be in [0, {num_classes}), found {labels.min()}..{labels.max()}")
     return labels.astype(np.int64)
 
 
@@ -78,7 +80,7 @@ class SampleSet:
             saved = json.loads(manifest.read_text())
             if saved != self.settings:
                 changed = sorted(k for k in saved.keys() | self.settings.keys() if saved.get(k) != self.settings.get(k))
-                raise ValueError(f"{self.parts} holds a job with other settings ({', '.join(changed)}); rerun with "
+                raise InvalidArgumentError(f"{self.parts} holds a job with other settings ({', '.join(changed)}); rerun with "
                                  "the same options to resume it, or pass --overwrite to start over")
             return
         self.parts.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,8 @@ from importlib.resources import files
 from types import MappingProxyType
 from typing import Any
 
+from .errors import InvalidArgumentError, InvalidArgumentTypeError
+
 __all__ = [
     "IMAGENET_CLASSES",
     "IMAGENET_SYNSET_WORDS",
@@ -119,13 +121,13 @@ def _describe(class_id: int, keep: str | None = None) -> str:
 
 def _check_num_classes(num_classes: Any) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        raise InvalidArgumentError(f"num_classes must be a positive int, got {num_classes!r}")
     return num_classes
 
 
 def _check_range(index: int, num_classes: int, shown: object) -> int:
     if not 0 <= index < num_classes:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"class id {shown!r} is out of range: valid ids are 0 to {num_classes - 1}"
         )
     return index
@@ -135,7 +137,7 @@ def _unwrap_scalar(label: Any) -> Any:
     """numpy scalars and 0-d arrays/tensors -> the Python value (int, bool, str, ...)."""
     if hasattr(label, "ndim") and hasattr(label, "item"):
         if label.ndim != 0:
-            raise TypeError(
+            raise InvalidArgumentTypeError(
                 f"expected a single class label, got an array of shape {tuple(label.shape)}; "
                 "use resolve_class_labels for several labels"
             )
@@ -162,13 +164,13 @@ def _resolve_name(name: str) -> int:
         return ids[0]
     if ids:
         candidates = ", ".join(_describe(class_id, keep=key) for class_id in ids)
-        raise ValueError(
+        raise InvalidArgumentError(
             f"class name {name!r} is ambiguous; it matches {candidates}. "
             "Pass the integer id of the class you mean instead."
         )
     suggestions = _suggestions(key)
     hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
-    raise ValueError(
+    raise InvalidArgumentError(
         f"unknown ImageNet class name {name!r}.{hint} "
         f"Pass an integer class id (0 to {IMAGENET_NUM_CLASSES - 1}) instead."
     )
@@ -198,17 +200,17 @@ def resolve_class_label(label: int | str, num_classes: int = 1000) -> int:
     label = _unwrap_scalar(label)
     # bool is an int subclass, but True/False as a class id is almost surely a mistake.
     if isinstance(label, bool):
-        raise TypeError(f"class label must be an int id or a class name, got bool {label!r}")
+        raise InvalidArgumentTypeError(f"class label must be an int id or a class name, got bool {label!r}")
     if isinstance(label, str):
         text = label.strip()
         if _INT_STRING.fullmatch(text):
             return _check_range(int(text), num_classes, label)
         if not text:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"empty class label {label!r}: pass a class id or an ImageNet class name"
             )
         if num_classes != IMAGENET_NUM_CLASSES:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"class name {label!r} given, but class names are only available for "
                 f"ImageNet-1k models (1000 classes) and this model has {num_classes}; "
                 f"pass an integer class id (0 to {num_classes - 1}) instead"
@@ -217,7 +219,7 @@ def resolve_class_label(label: int | str, num_classes: int = 1000) -> int:
     try:
         index = operator.index(label)
     except TypeError:
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"class label must be an int id or a class name, got {type(label).__name__} {label!r}"
         ) from None
     return _check_range(index, num_classes, label)
@@ -235,11 +237,11 @@ def class_name(class_id: int) -> str:
     """
     class_id = _unwrap_scalar(class_id)
     if isinstance(class_id, bool):
-        raise TypeError(f"class id must be an int, got bool {class_id!r}")
+        raise InvalidArgumentTypeError(f"class id must be an int, got bool {class_id!r}")
     try:
         index = operator.index(class_id)
     except TypeError:
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"class id must be an int, got {type(class_id).__name__} {class_id!r}; "
             "use resolve_class_label to turn a name or digit string into an id"
         ) from None
@@ -261,17 +263,17 @@ def resolve_class_labels(labels: Any, num_classes: int = 1000) -> list[int]:
         return [resolve_class_label(labels, num_classes)]
     if hasattr(labels, "ndim") and hasattr(labels, "tolist"):
         if labels.ndim != 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"class labels must be 1-D, got an array of shape {tuple(labels.shape)}"
             )
         labels = labels.tolist()
     elif isinstance(labels, (bytes, bytearray)) or not isinstance(labels, Sequence):
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             "class labels must be an int, a str, a list/tuple of them, or a 1-D "
             f"integer tensor/array; got {type(labels).__name__}"
         )
     if len(labels) == 0:
-        raise ValueError("no class labels given: pass at least one class id or name")
+        raise InvalidArgumentError("no class labels given: pass at least one class id or name")
     ids = []
     for position, label in enumerate(labels):
         try:

@@ -25,7 +25,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .checkpoint_io import CheckpointError, load_strict, read_state_dict, verify_sha256, write_safetensors
+from .errors import CheckpointError
+from .checkpoint_io import load_strict, read_state_dict, verify_sha256, write_safetensors
 from .config import (
     FALLBACK_GUIDANCE_SCALE,
     FALLBACK_NUM_INFERENCE_STEPS,

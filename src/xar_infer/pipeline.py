@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .backends import resolve_backend
 from .cuda_graphs import CUDAGraphs
+from .errors import InvalidArgumentError, NumericalError
 from .imagenet import resolve_class_labels
 from .loading import load_pretrained
 from .model import XARTransformer
@@ -116,7 +117,7 @@ class XARPipeline:
                 images = pipe(labels).images  # captures once, then replays
         """
         if self.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, not {self.device.type}: "
+            raise InvalidArgumentError(f"CUDA graphs need the pipeline on a CUDA device, not {self.device.type}: "
                              "call pipe.to('cuda') first")
         if self._cuda_graphs is None:
             self._cuda_graphs = CUDAGraphs()
@@ -134,16 +135,16 @@ class XARPipeline:
         cell_step_counts(num_inference_steps, self.transformer.config.num_cells)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
                 or not math.isfinite(guidance_scale) or guidance_scale < 1:
-            raise ValueError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
+            raise InvalidArgumentError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
         check_guidance_interval(guidance_interval)
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+            raise InvalidArgumentError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+            raise InvalidArgumentError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+            raise InvalidArgumentError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
         if output_type != "latent" and self.vae is None and not self.transformer.config.pixel_space:
-            raise ValueError("this pipeline has no VAE to decode images: pass vae='path/to/kl16.ckpt' to "
+            raise InvalidArgumentError("this pipeline has no VAE to decode images: pass vae='path/to/kl16.ckpt' to "
                              "from_pretrained, or use output_type='latent'")
 
     @torch.inference_mode()
@@ -210,10 +211,6 @@ class XARPipeline:
         if self.transformer.config.pixel_space:
             return x.float()
         return self.vae.decode(x.to(next(self.vae.parameters()).dtype), tile_size, tile_overlap).float()
-
-
-class NumericalError(RuntimeError):
-    """Generation overflowed or produced NaN (typically fp16 weights)."""
 
 
 def check_finite(values: torch.Tensor, what: str, dtype: torch.dtype) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import Tensor
 
+from .errors import InvalidArgumentError
 from .model import BlockOps, XARTransformer
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class NoiseSource:
     def __init__(self, generator: torch.Generator | Sequence[torch.Generator] | None, batch_size: int, device: torch.device):
         if isinstance(generator, (list, tuple)):
             if len(generator) != batch_size:
-                raise ValueError(f"got {len(generator)} generators for {batch_size} images; pass one per image or a single one")
+                raise InvalidArgumentError(f"got {len(generator)} generators for {batch_size} images; pass one per image or a single one")
         self.generator = generator
         self.batch_size = batch_size
         self.device = device
@@ -71,7 +72,7 @@ def cell_guidance_scales(guidance_scale: float, num_cells: int, schedule: str = 
         return [float(guidance_scale)] * num_cells
     if schedule == "linear":
         return [(guidance_scale - 1) * s / (num_cells - 1) + 1 for s in range(num_cells)]
-    raise ValueError(f"unknown guidance schedule {schedule!r}; choose one of {GUIDANCE_SCHEDULES}")
+    raise InvalidArgumentError(f"unknown guidance schedule {schedule!r}; choose one of {GUIDANCE_SCHEDULES}")
 
 
 def sde_drift(v: Tensor, x: Tensor, t: Tensor) -> Tensor:
@@ -169,10 +170,10 @@ def cell_step_counts(num_steps: int | Sequence[int], num_cells: int) -> list[int
     """Steps of each cell: one count for all, or one per cell."""
     counts = list(num_steps) if isinstance(num_steps, (list, tuple)) else [num_steps] * num_cells
     if len(counts) != num_cells or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
-        raise ValueError(f"num_inference_steps must be a positive integer or a list of {num_cells} of them "
+        raise InvalidArgumentError(f"num_inference_steps must be a positive integer or a list of {num_cells} of them "
                          f"(one per cell), got {num_steps!r}")
     if max(counts) > MAX_STEPS:
-        raise ValueError(f"num_inference_steps must be at most {MAX_STEPS} per cell (the network resolves time in "
+        raise InvalidArgumentError(f"num_inference_steps must be at most {MAX_STEPS} per cell (the network resolves time in "
                          f"{MAX_STEPS} levels), got {num_steps!r}")
     return counts
 
@@ -183,7 +184,7 @@ def check_guidance_interval(interval) -> None:
             isinstance(interval, (tuple, list)) and len(interval) == 2
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
             and 0 <= interval[0] <= interval[1] <= 1):
-        raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1 (flow times; 1 is noise), "
+        raise InvalidArgumentError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1 (flow times; 1 is noise), "
                          f"got {interval!r}")
 
 
@@ -307,7 +308,7 @@ def generate_tokens(
         from .backends import TORCH as backend
     config = model.config
     if sampler not in CELL_SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        raise InvalidArgumentError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     scales = cell_guidance_scales(guidance_scale, config.num_cells, guidance_schedule)
     steps_per_cell = cell_step_counts(num_steps, config.num_cells)
     guided = any(s > 1.0 for s in scales)

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint_io import CheckpointError, load_strict, read_state_dict
+from .checkpoint_io import load_strict, read_state_dict
+from .errors import CheckpointError, InvalidArgumentError
 from .vae_tiling import DEFAULT_TILE_OVERLAP, decode_tiled
 
 # Keys the released checkpoint carries that decoding never uses: the encoder side of the autoencoder
@@ -160,7 +161,7 @@ class AutoencoderKLDecoder(nn.Module):
             return self.decoder.up_path(h)
         if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1 \
                 or isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or tile_overlap < 0:
-            raise ValueError(f"tile_size must be a positive and tile_overlap a non-negative number of latent cells, "
+            raise InvalidArgumentError(f"tile_size must be a positive and tile_overlap a non-negative number of latent cells, "
                              f"got {tile_size!r} and {tile_overlap!r}")
         return decode_tiled(h, self.decoder.up_path, self.config.stride, tile_size, tile_overlap)
 
