@@ -102,9 +102,13 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model already in --out (the bundled one by default)")
     args = parser.parse_args()
+    existing = [str(args.out / name) for name in (WEIGHTS_NAME, CONFIG_NAME) if (args.out / name).exists()]
+    if existing and not args.overwrite:  # checked before training, not after it
+        parser.error(f"{', '.join(existing)} exist; pass --overwrite to replace them")
     torch.set_num_threads(args.threads)
-    save_model_dir(train(args), args.out, PRESET.num_inference_steps, PRESET.guidance_scale)
+    save_model_dir(train(args), args.out, PRESET.num_inference_steps, PRESET.guidance_scale, overwrite=args.overwrite)
     print(f"wrote {args.out / WEIGHTS_NAME} and {args.out / CONFIG_NAME}")
 
 

@@ -89,3 +89,12 @@ def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
          for k, v in state_dict.items()},
         assign=True,
     )
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """A digest of a module's weights (names, dtypes, shapes and values), whatever file they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{str(tensor.dtype).removeprefix('torch.')}:{list(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -24,22 +24,31 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from . import __version__
-from .errors import InvalidArgumentError, XARError
 from .backends import BACKENDS, resolve_backend
+from .checkpoint_io import state_dict_sha256
 from .config import PRESETS, find_preset
+from .errors import InvalidArgumentError, XARError
 from .imagenet import IMAGENET_NUM_CLASSES, class_name, resolve_class_label
 from .loading import CONFIG_NAME, WEIGHTS_NAME, convert_checkpoint
-from .fid import SampleSet, fid_labels, labels_digest, pending_batches, read_labels_file
+from .memory import require_memory
+from .output_files import require_parent_folder, write_file, write_file_by_path
 from .pipeline import XARPipeline, to_uint8
-from .sampling import GUIDANCE_SCHEDULES, SAMPLERS, check_guidance_interval
+from .sample_sets import (SampleSetJob, WorkFolder, claim, fid_labels, fid_labels_spread, process_group,
+                          read_labels_file, write_sample_set)
+from .sampling import GUIDANCE_SCHEDULES, MAX_STEPS, SAMPLERS, check_guidance_interval
 from .vae import load_vae
 from .vae_tiling import DEFAULT_TILE_OVERLAP
 
 GENERATE_PROG = "xar-generate"
 CONVERT_PROG = "xar-convert"
 DEFAULT_MODEL = "xar-b"
-DEFAULT_CLASS = "207"  # golden retriever
+DEFAULT_IMAGENET_CLASS = "207"  # golden retriever
+DEFAULT_OUTPUT = "out"
 LATENTS_FILE = "latents.safetensors"
+OVERWRITE_HINT = "pass --overwrite to replace it"
+# Host memory a planned output file costs before anything is generated (its path and class id),
+# measured at about 250 bytes; the lower bound keeps refusals to what cannot fit.
+PLANNED_FILE_BYTES = 100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's upper bound
 
@@ -100,13 +109,13 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def check_targets(paths: Sequence[Path], overwrite: bool) -> None:
-    """Refuse to replace existing files unless ``overwrite``; never replace a directory."""
+    """Refuse to replace existing entries (files, folders, symlinks, even dangling ones) unless
+    ``overwrite``; never replace a folder. The writes check again when they happen."""
     for path in paths:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             raise IsADirectoryError(f"{path} is a directory; it cannot be replaced by an output file")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass --overwrite to replace it, "
-                                  "or choose another output directory")
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"{path} already exists; {OVERWRITE_HINT}")
 
 
 def ensure_writable_dir(directory: Path) -> None:
@@ -127,6 +136,11 @@ def prepare_outputs(paths: Sequence[Path], overwrite: bool) -> None:
         ensure_writable_dir(directory)
 
 
+def same_file_name(a: Path, b: Path) -> bool:
+    """Whether two paths name the same directory entry (through symlinked folders too), existing or not."""
+    return Path(os.path.realpath(a.parent)) / a.name == Path(os.path.realpath(b.parent)) / b.name
+
+
 # --------------------------------------------------------------------------------------------------
 # xar-generate
 # --------------------------------------------------------------------------------------------------
@@ -142,8 +156,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
 
     what = parser.add_argument_group("what to generate")
     what.add_argument("--class", dest="classes", action="append", metavar="CLASS",
-                      help="ImageNet class id or name; repeat for several (images cycle through them). "
-                           f"Default: {DEFAULT_CLASS} (golden retriever)")
+                      help="class id, or ImageNet class name; repeat for several (images cycle through them). "
+                           f"Default: {DEFAULT_IMAGENET_CLASS} (golden retriever) for ImageNet models, 0 for others")
     what.add_argument("--num-images", type=int, metavar="N",
                       help="number of images (default: one per --class)")
     what.add_argument("--seed", type=int, default=0,
@@ -164,8 +178,10 @@ def build_generate_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     source = model.add_mutually_exclusive_group()
-    source.add_argument("--model", help=f"released model: {', '.join(PRESETS)} (default: {DEFAULT_MODEL}), "
-                                        "downloaded from the Hugging Face Hub")
+    hub_presets = ", ".join(name for name, preset in PRESETS.items() if preset.bundled_dir is None)
+    bundled = ", ".join(name for name, preset in PRESETS.items() if preset.bundled_dir is not None)
+    source.add_argument("--model", help=f"released model: {hub_presets} (downloaded from the Hugging Face Hub), or "
+                                        f"{bundled} (bundled with the package: runs offline); default: {DEFAULT_MODEL}")
     source.add_argument("--checkpoint", metavar="PATH",
                         help="local weights: a released .pth, a .safetensors file or an xar-convert directory")
     model.add_argument("--revision", help="Hub revision of the --model weights")
@@ -188,8 +204,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
                             "batches, after capturing once per batch size)")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output", default="out", metavar="DIR", help="directory for the images (default: out)")
-    output.add_argument("--grid", metavar="FILE", help="also save all images as one grid .png")
+    output.add_argument("--output", metavar="DIR",
+                        help=f"folder for the images, created if needed (default: {DEFAULT_OUTPUT})")
+    output.add_argument("--grid", metavar="FILE", help="also save all images as one grid .png (its folder must exist)")
     output.add_argument("--latents-only", action="store_true",
                         help=f"skip the VAE; save the latents to DIR/{LATENTS_FILE} instead of images")
     output.add_argument("--upscale", type=int, default=1, metavar="K",
@@ -198,8 +215,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
 
     fid = parser.add_argument_group("FID sample sets (resumable; split over processes under torchrun)")
     fid.add_argument("--npz", metavar="FILE",
-                     help="write all images into one .npz (arr_0: uint8 [N, H, W, C]) instead of PNG files; "
-                          "rerun the same command to resume an interrupted run")
+                     help="write all images into one .npz (arr_0: uint8 [N, H, W, C]) instead of PNG files (its "
+                          "folder must exist); rerun the same command to resume an interrupted run")
     fid_labels_group = fid.add_mutually_exclusive_group()
     fid_labels_group.add_argument("--fid-labels", action="store_true",
                                   help="the released evaluation labels: each class NUM_IMAGES / classes times, in "
@@ -244,47 +261,62 @@ def time_interval(text: str) -> tuple[float, float]:
 
 def validate_generate_args(args: argparse.Namespace) -> None:
     """Fill in the defaults that depend on other options; check what needs neither the model nor
-    more of the file system than whether the input files exist."""
+    more of the file system than whether the input files and output folders exist."""
     check_sample_set_args(args)
-    if not args.classes:
-        args.classes = [DEFAULT_CLASS]
+    if args.output is None:
+        args.output = DEFAULT_OUTPUT
     args.num_images_given = args.num_images is not None
     if args.num_images is None:
-        args.num_images = len(args.classes)
+        args.num_images = len(args.classes) if args.classes else 1
     if args.num_images < 1:
         raise InvalidArgumentError(f"--num-images must be at least 1, got {args.num_images}")
     if args.batch_size < 1:
         raise InvalidArgumentError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.steps is not None and min([args.steps] if isinstance(args.steps, int) else args.steps) < 1:
-        raise InvalidArgumentError(f"--steps must be positive, got {args.steps}")
+    counts = [] if args.steps is None else [args.steps] if isinstance(args.steps, int) else args.steps
+    if counts and min(counts) < 1:
+        raise InvalidArgumentError(f"--steps must be positive, got {','.join(map(str, counts))}")
+    if counts and max(counts) > MAX_STEPS:
+        raise InvalidArgumentError(f"--steps must be at most {MAX_STEPS} per cell (the network resolves time in "
+                                   f"{MAX_STEPS} levels), got {','.join(map(str, counts))}")
     if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 1):
         raise InvalidArgumentError(f"--cfg must be a finite number >= 1 (1 turns guidance off), got {args.cfg}")
     if args.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
         raise InvalidArgumentError(f"--sha256 must be 64 hexadecimal digits, got {args.sha256!r}")
     if args.seed < 0 or args.seed + args.num_images - 1 > MAX_SEED:
         raise InvalidArgumentError(f"--seed must be between 0 and {MAX_SEED - args.num_images + 1} for "
-                         f"{args.num_images} image(s), got {args.seed}")
+                                   f"{args.num_images} image(s), got {args.seed}")
 
     if args.checkpoint is not None:
         if args.revision or args.cache_dir or args.local_files_only:
             raise InvalidArgumentError("--revision, --cache-dir and --local-files-only apply to --model only; "
-                             "--checkpoint is read from disk as it is")
+                                       "--checkpoint is read from disk as it is")
         if not Path(args.checkpoint).exists():
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     elif find_preset(args.model or DEFAULT_MODEL) is None:
         raise InvalidArgumentError(f"unknown model {args.model!r}: choose one of {', '.join(PRESETS)}, "
-                         "or pass --checkpoint PATH for local weights")
+                                   "or pass --checkpoint PATH for local weights")
 
     if args.latents_only and args.grid is not None:
         raise InvalidArgumentError("--grid needs decoded images; it cannot be combined with --latents-only")
-    if args.grid is not None and Path(args.grid).suffix.lower() != ".png":
-        raise InvalidArgumentError(f"--grid must name a .png file, got {args.grid}")
+    if args.grid is not None:
+        if Path(args.grid).suffix.lower() != ".png":
+            raise InvalidArgumentError(f"--grid must name a .png file, got {args.grid}")
+        require_parent_folder(args.grid, "--grid")
     if args.upscale < 1:
         raise InvalidArgumentError(f"--upscale must be at least 1, got {args.upscale}")
     if args.vae is not None and not Path(args.vae).is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {args.vae}")
-    if args.checkpoint is None:  # a preset: whether it needs a VAE is known before loading
-        check_vae_choice(args, find_preset(args.model or DEFAULT_MODEL).config.pixel_space)
+    if args.checkpoint is None:  # a preset: what it needs is known before loading
+        config = find_preset(args.model or DEFAULT_MODEL).config
+        check_vae_choice(args, config.pixel_space)
+        check_steps(args, config.num_cells)
+
+
+def check_steps(args: argparse.Namespace, num_cells: int) -> None:
+    """A --steps list gives one count per cell of the model."""
+    if isinstance(args.steps, list) and len(args.steps) != num_cells:
+        raise InvalidArgumentError(f"--steps {','.join(map(str, args.steps))} gives {len(args.steps)} counts, but this "
+                                   f"model makes {num_cells} cells: give one count, or one per cell")
 
 
 def check_vae_choice(args: argparse.Namespace, pixel_space: bool) -> None:
@@ -347,10 +379,18 @@ def image_file_name(index: int, class_id: int, num_classes: int | None) -> str:
     return f"{index:05d}_{class_id}_{short}.png"
 
 
+def default_classes(num_classes: int | None) -> list[str]:
+    """The class of a run without --class: a golden retriever for ImageNet models (and a checkpoint not
+    read yet), class 0 for others."""
+    return [DEFAULT_IMAGENET_CLASS] if num_classes in (None, IMAGENET_NUM_CLASSES) else ["0"]
+
+
 def plan_outputs(args: argparse.Namespace, num_classes: int | None) -> tuple[list[int], list[Path]]:
     """The class id of every image and every file the run will write (images or the latents file,
     then the grid), for a model with ``num_classes`` classes (None: a checkpoint not read yet)."""
-    classes = resolve_classes(args.classes, num_classes)
+    require_memory(args.num_images * PLANNED_FILE_BYTES, "cpu", f"planning --num-images {args.num_images}",
+                   "make fewer images per run")
+    classes = resolve_classes(args.classes or default_classes(num_classes), num_classes)
     image_ids = [classes[i % len(classes)] for i in range(args.num_images)]
     out = Path(args.output)
     if args.latents_only:
@@ -359,7 +399,39 @@ def plan_outputs(args: argparse.Namespace, num_classes: int | None) -> tuple[lis
         # Name files as for ImageNet, like every released model; re-planned once the checkpoint is read.
         num_classes = IMAGENET_NUM_CLASSES
     paths = [out / image_file_name(i, c, num_classes) for i, c in enumerate(image_ids)]
-    return image_ids, paths + ([Path(args.grid)] if args.grid is not None else [])
+    if args.grid is None:
+        return image_ids, paths
+    grid = Path(args.grid)
+    clash = next((path for path in paths if same_file_name(path, grid)), None)
+    if clash is not None:
+        raise InvalidArgumentError(f"--grid {args.grid} names one of this run's images ({clash}); choose another name")
+    return image_ids, paths + [grid]
+
+
+def check_host_memory(args: argparse.Namespace, pipe: XARPipeline) -> None:
+    """What the run keeps on the host at once: one batch of upscaled images, and every image (for the
+    grid) or every latent (--latents-only) until the end."""
+    n, batch = args.num_images, min(args.batch_size, args.num_images)
+    if args.latents_only:
+        config = pipe.transformer.config
+        per_image = config.token_channels * config.seq_len * 4
+        kept, what = 2 * n * per_image, f"keeping the latents of --num-images {n}"  # the list and their concatenation
+    else:
+        height, width, channels = pipe.image_shape
+        per_image = height * width * channels * args.upscale**2
+        kept = (2 * n * per_image if args.grid is not None else 0) + batch * per_image  # the images and the grid
+        what = f"--num-images {n} with --upscale {args.upscale}" + (" and --grid" if args.grid is not None else "")
+    require_memory(kept, "cpu", what, "make fewer or smaller images per run")
+
+
+def check_device_memory(args: argparse.Namespace, pipe: XARPipeline, cfg: float) -> None:
+    """One batch's working set on the device, checked before the first batch allocates it."""
+    tile_size, tile_overlap = args.vae_tiling or (None, DEFAULT_TILE_OVERLAP)
+    batch = min(args.batch_size, args.num_images)
+    needed = pipe.memory_needed(batch, "latent" if args.latents_only else "pt", cfg > 1, tile_size, tile_overlap)
+    fix = "choose a smaller --batch-size" + ("" if args.latents_only or pipe.transformer.config.pixel_space
+                                            else ", or decode in tiles (--vae-tiling)")
+    require_memory(needed, pipe.device, f"--batch-size {batch}", fix)
 
 
 def load_pipeline(args: argparse.Namespace, device: torch.device) -> XARPipeline:
@@ -405,19 +477,24 @@ def generate(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     pipe = load_pipeline(args, device)
-    check_vae_choice(args, pipe.transformer.config.pixel_space)
-    num_classes = pipe.transformer.config.num_classes
-    if num_classes != known_classes:
-        image_ids, targets = plan_outputs(args, num_classes)
+    config = pipe.transformer.config
+    check_vae_choice(args, config.pixel_space)
+    check_steps(args, config.num_cells)
+    if config.num_classes != known_classes:
+        image_ids, targets = plan_outputs(args, config.num_classes)
         prepare_outputs(targets, args.overwrite)
 
     steps = args.steps if args.steps is not None else pipe.default_num_inference_steps
     cfg = args.cfg if args.cfg is not None else pipe.default_guidance_scale
+    check_host_memory(args, pipe)
+    check_device_memory(args, pipe, cfg)
     results = run_batches(pipe, args, image_ids, steps, cfg, targets)
     if args.latents_only:
         save_latents(targets[0], results, image_ids, pipe, args, steps, cfg)
     elif args.grid is not None:
-        make_grid(results).save(targets[-1])
+        grid = make_grid(results)
+        write_file(targets[-1], lambda f: grid.save(f, format="PNG"), overwrite=args.overwrite,
+                   exists_hint=OVERWRITE_HINT)
 
     if not args.quiet:
         what = f"the latents of {args.num_images} image(s) to {targets[0]}" if args.latents_only \
@@ -430,91 +507,73 @@ def generate(args: argparse.Namespace) -> None:
 def check_sample_set_args(args: argparse.Namespace) -> None:
     if args.npz is None:
         if args.fid_labels or args.labels_file:
-            raise InvalidArgumentError("--fid-labels and --labels-file choose the labels of an --npz sample set; add --npz FILE")
+            raise InvalidArgumentError("--fid-labels and --labels-file choose the labels of an --npz sample set; "
+                                       "add --npz FILE")
         return
-    if Path(args.npz).suffix != ".npz":
-        raise InvalidArgumentError(f"--npz must name a .npz file, got {args.npz}")
+    if args.output is not None:
+        raise InvalidArgumentError("--npz writes one file instead of a folder of images; leave out --output")
     if args.latents_only or args.grid is not None or args.upscale != 1:
-        raise InvalidArgumentError("--npz writes the images themselves; it cannot be combined with --latents-only, --grid or --upscale")
+        raise InvalidArgumentError("--npz writes the images themselves; it cannot be combined with --latents-only, "
+                                   "--grid or --upscale")
     if args.classes and (args.fid_labels or args.labels_file):
         raise InvalidArgumentError("--class cannot be combined with --fid-labels or --labels-file")
-    check_targets([Path(args.npz)], args.overwrite)
-    ensure_writable_dir(Path(args.npz).absolute().parent)
+    WorkFolder(args.npz).check_target(args.overwrite)
 
 
 def sample_set_labels(args: argparse.Namespace, num_classes: int) -> np.ndarray:
     if args.labels_file is not None:
         labels = read_labels_file(args.labels_file, num_classes)
         if args.num_images_given and args.num_images != len(labels):
-            raise InvalidArgumentError(f"--num-images {args.num_images} does not match the {len(labels)} labels of {args.labels_file}")
+            raise InvalidArgumentError(f"--num-images {args.num_images} does not match the {len(labels)} labels of "
+                                       f"{args.labels_file}")
         return labels
+    count = args.num_images if args.num_images_given or not args.fid_labels else 50 * num_classes
+    # The labels, which images are done and the batches, before any of them is allocated.
+    require_memory(count * 32, "cpu", f"a sample set of {count} images", "make fewer images per run")
     if args.fid_labels:
-        return fid_labels(args.num_images if args.num_images_given else 50 * num_classes, num_classes)
-    classes = resolve_classes(args.classes, num_classes)
-    return np.array([classes[i % len(classes)] for i in range(args.num_images)], dtype=np.int64)
+        spread = fid_labels_spread(count, num_classes)
+        if spread is not None:
+            warnings.warn(f"--fid-labels: {spread}", stacklevel=2)
+        return fid_labels(count, num_classes)
+    classes = resolve_classes(args.classes or default_classes(num_classes), num_classes)
+    return np.array([classes[i % len(classes)] for i in range(count)], dtype=np.int64)
 
 
 def generate_sample_set(args: argparse.Namespace) -> None:
-    """``--npz``: every image into one .npz, through resumable shards; under torchrun each process
-    takes every world_size-th batch and process 0 assembles the file."""
-    import torch.distributed as dist
-
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = check_device(args.device)
-    if distributed:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    try:
-        check_device_options(args, device)
-        pipe = load_pipeline(args, device)
-        check_vae_choice(args, pipe.transformer.config.pixel_space)
-        labels = sample_set_labels(args, pipe.transformer.config.num_classes)
+    """``--npz``: every image into one .npz, through resumable shards (``sample_sets``); under torchrun
+    each process takes every world_size-th batch and process 0 owns the work folder."""
+    with process_group(check_device(args.device)) as group, claim(args.npz, args.overwrite, group) as folder:
+        check_device_options(args, group.device)
+        pipe = load_pipeline(args, group.device)
+        config = pipe.transformer.config
+        check_vae_choice(args, config.pixel_space)
+        check_steps(args, config.num_cells)
+        labels = sample_set_labels(args, config.num_classes)
         steps = args.steps if args.steps is not None else pipe.default_num_inference_steps
         cfg = args.cfg if args.cfg is not None else pipe.default_guidance_scale
-        settings = {
-            "format": 1, "num_images": len(labels), "labels_sha256": labels_digest(labels), "seed": args.seed,
-            "model": str(Path(args.checkpoint).absolute()) if args.checkpoint else args.model or DEFAULT_MODEL,
-            "revision": args.revision, "vae": str(Path(args.vae).absolute()) if args.vae else None,
+        args.num_images = len(labels)
+        check_device_memory(args, pipe, cfg)
+        options = sampling_options(args, steps, cfg)
+        identity = {
+            # What decides the images: the weights (whatever file they came from) and every setting.
+            "transformer_sha256": state_dict_sha256(pipe.transformer),
+            "vae_sha256": state_dict_sha256(pipe.vae) if pipe.vae is not None else None,
             "dtype": args.dtype, "num_inference_steps": steps, "guidance_scale": cfg, "sampler": args.sampler,
             "guidance_schedule": args.guidance_schedule, "guidance_interval": args.guidance_interval,
+            "vae_tiling": args.vae_tiling,
         }
-        samples = SampleSet(args.npz, settings)
-        # Process 0 prepares the work directory; a failure there must stop every process, not hang them.
-        problem = [None]
-        if rank == 0:
-            try:
-                samples.prepare(args.overwrite)
-            except USER_ERRORS as exc:
-                problem = [f"{type(exc).__name__}: {exc}"]
-        if distributed:
-            dist.broadcast_object_list(problem, src=0)
-        if problem[0] is not None:
-            raise InvalidArgumentError(problem[0].split(": ", 1)[1])
 
-        done = samples.finished()
-        batches = pending_batches(done, args.batch_size)
-        if rank == 0 and not args.quiet and done.any():
-            print(f"resuming {args.npz}: {int(done.sum())} of {len(done)} images already done")
-        mine = batches[rank::world_size]
-        for number, batch in enumerate(mine, 1):
-            pipe.set_progress_bar_config(disable=args.quiet, desc=f"[{rank}] batch {number}/{len(mine)}", leave=False)
-            generators = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in batch]
-            images = pipe(labels[batch.start:batch.stop].tolist(), generator=generators, output_type="pt",
-                          **sampling_options(args, steps, cfg)).images
-            samples.write(batch.start, to_uint8(images))
-        if distributed:
-            dist.barrier()
-        if rank == 0:
-            samples.assemble()
-            if not args.quiet:
-                print(f"wrote {len(labels)} images to {args.npz}")
-    finally:
-        if distributed:
-            dist.destroy_process_group()
+        def make_images(batch_labels: list[int], generators: list[torch.Generator]) -> np.ndarray:
+            return to_uint8(pipe(batch_labels, generator=generators, output_type="pt", **options).images)
+
+        def progress(number: int, total: int) -> None:
+            pipe.set_progress_bar_config(disable=args.quiet, desc=f"[{group.rank}] batch {number}/{total}", leave=False)
+
+        job = SampleSetJob(labels, args.seed, args.batch_size, pipe.image_shape, identity, make_images)
+        write_sample_set(folder, job, group, overwrite=args.overwrite, progress=progress,
+                         report=(lambda message: None) if args.quiet else print)
+        if group.rank == 0 and not args.quiet:
+            print(f"wrote {len(labels)} images to {args.npz}")
 
 
 def sampling_options(args: argparse.Namespace, steps, cfg: float) -> dict:
@@ -544,7 +603,8 @@ def run_batches(pipe: XARPipeline, args: argparse.Namespace, image_ids: Sequence
         if args.upscale > 1:
             images = [im.resize((im.width * args.upscale, im.height * args.upscale), Image.NEAREST) for im in images]
         for i, image in zip(batch, images):
-            image.save(targets[i])
+            write_file(targets[i], lambda f: image.save(f, format="PNG"), overwrite=args.overwrite,
+                       exists_hint=OVERWRITE_HINT)
         if args.grid is not None:
             kept.extend(images)
     return kept
@@ -563,7 +623,8 @@ def save_latents(path: Path, latents: Sequence[torch.Tensor], image_ids: Sequenc
         "sampler": args.sampler,
         "guidance_schedule": args.guidance_schedule,
     }
-    save_file(tensors, str(path), metadata=metadata)
+    write_file_by_path(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=args.overwrite,
+                       exists_hint=OVERWRITE_HINT)
 
 
 def generate_main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from .config import (
     preset_for_config,
 )
 from .model import XARTransformer, block_causal_mask, rope_frequencies, rope_tables
+from .output_files import write_file, write_file_by_path
 
 WEIGHTS_NAME = "model.safetensors"
 # A missing path with one of these endings is a mistyped file, not a Hub repo id.
@@ -215,27 +216,31 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     """Convert a released ``.pth`` into ``out_dir/model.safetensors`` + ``out_dir/config.json``.
 
     The checkpoint is fully validated first (it is loaded into a model). Existing files are kept
-    unless ``overwrite``.
+    unless ``overwrite``; each file appears whole or not at all.
     """
     out_dir = Path(out_dir)
     targets = [out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME]
-    existing = [str(t) for t in targets if t.exists()]
+    existing = [str(t) for t in targets if os.path.lexists(t)]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist; choose another directory or pass overwrite=True")
     loaded = load_local(source)
-    save_model_dir(loaded.model, out_dir, loaded.num_inference_steps, loaded.guidance_scale)
+    save_model_dir(loaded.model, out_dir, loaded.num_inference_steps, loaded.guidance_scale, overwrite=overwrite)
     return out_dir
 
 
 def save_model_dir(model: XARTransformer, out_dir: str | os.PathLike, num_inference_steps: int,
-                   guidance_scale: float) -> None:
+                   guidance_scale: float, *, overwrite: bool = False) -> None:
     """Write our format: ``model.safetensors`` (parameters) and ``config.json`` (architecture and
-    sampling defaults), replacing what is there."""
+    sampling defaults), each written whole under a temporary name first; existing files are replaced
+    only with ``overwrite``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_safetensors(model.state_dict(), out_dir / WEIGHTS_NAME)
-    (out_dir / CONFIG_NAME).write_text(json.dumps({
+    hint = "pass overwrite=True (xar-convert: --overwrite) to replace it"
+    write_file_by_path(out_dir / WEIGHTS_NAME, lambda tmp: write_safetensors(model.state_dict(), tmp),
+                       overwrite=overwrite, exists_hint=hint)
+    config = json.dumps({
         "xar_config": model.config.to_dict(),
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
-    }, indent=2) + "\n")
+    }, indent=2) + "\n"
+    write_file(out_dir / CONFIG_NAME, lambda f: f.write(config.encode()), overwrite=overwrite, exists_hint=hint)

@@ -18,6 +18,7 @@ from .cuda_graphs import CUDAGraphs
 from .errors import InvalidArgumentError, NumericalError
 from .imagenet import resolve_class_labels
 from .loading import load_pretrained
+from .memory import require_memory
 from .model import XARTransformer
 from .sampling import (GUIDANCE_SCHEDULES, SAMPLERS, NoiseSource, cell_step_counts, check_guidance_interval,
                        evaluations_per_cell, generate_tokens)
@@ -92,6 +93,38 @@ class XARPipeline:
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.z_proj.weight.dtype
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of the images this pipeline makes."""
+        config = self.transformer.config
+        if config.pixel_space:
+            return config.grid_size, config.grid_size, config.token_channels
+        if self.vae is None:
+            raise InvalidArgumentError("this pipeline has no VAE, so it makes no images, only latents: pass "
+                                       "vae='path/to/kl16.ckpt' to from_pretrained")
+        side = config.grid_size * self.vae.config.stride
+        return side, side, self.vae.config.out_channels
+
+    def memory_needed(self, num_images: int, output_type: str = "pil", guided: bool = True,
+                      vae_tile_size: int | None = None, vae_tile_overlap: int = DEFAULT_TILE_OVERLAP) -> int:
+        """Bytes that one call making ``num_images`` images must hold at once on the pipeline's device, at
+        least: the KV cache (both guidance halves when ``guided``) and, when decoding, the decoder's two
+        widest activations (a convolution's input and output at full resolution, or at the tile's
+        window) and the images themselves."""
+        config = self.transformer.config
+        rows = num_images * (2 if guided else 1)
+        needed = 2 * config.num_layers * rows * config.seq_len * config.dim * self.dtype.itemsize
+        if output_type == "latent":
+            return needed
+        height, width, channels = self.image_shape
+        needed += num_images * height * width * channels * 4
+        if self.vae is not None and not config.pixel_space:
+            vae = self.vae.config
+            window = height if vae_tile_size is None else min(height, (vae_tile_size + 2 * vae_tile_overlap) * vae.stride)
+            element = next(self.vae.parameters()).element_size()
+            needed += 2 * num_images * vae.ch * vae.ch_mult[0] * window * window * element
+        return needed
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "XARPipeline":
         """Move the transformer (and the VAE, which keeps its own dtype) to ``device``; cast the transformer to ``dtype``."""
@@ -178,6 +211,9 @@ class XARPipeline:
         config = self.transformer.config
         labels = torch.tensor(resolve_class_labels(class_labels, config.num_classes), device=self.device)
         backend = resolve_backend(self.backend, self.device)
+        require_memory(self.memory_needed(len(labels), output_type, scale > 1, vae_tile_size, vae_tile_overlap),
+                       self.device, f"making {len(labels)} images in one call",
+                       "pass fewer class labels per call" + ("" if output_type == "latent" else ", or decode in tiles (vae_tile_size)"))
         if self.device.type == "cpu" and self.dtype == torch.float16:
             warnings.warn(CPU_FLOAT16_ADVICE, stacklevel=2)
 
@@ -217,8 +253,12 @@ def check_finite(values: torch.Tensor, what: str, dtype: torch.dtype) -> None:
     """Refuse to return inf/NaN, which would silently become black or saturated images."""
     if not torch.isfinite(values).all():
         bad = (~torch.isfinite(values)).flatten(1).any(1).nonzero().flatten().tolist()
-        advice = ("use dtype=torch.bfloat16 (float32's range in half the bytes) or torch.float32"
-                  if dtype == torch.float16 else "check the weights; try dtype=torch.float32")
+        if dtype == torch.float16:
+            advice = "use dtype=torch.bfloat16 (float32's range in half the bytes) or torch.float32"
+        elif dtype == torch.float32:
+            advice = "the weights or the inputs hold values this model cannot have come from: check them"
+        else:
+            advice = "check the weights; try dtype=torch.float32"
         raise NumericalError(f"the {what} of image(s) {bad} hold inf or NaN, computed in {str(dtype).removeprefix('torch.')}; {advice}")
 
 
