@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -449,3 +450,175 @@ def test_vae_tiling_option(base, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         generate_main(base + ["--output", str(tmp_path / "u"), "--vae-tiling", "0"])
     assert exc.value.code == 2 and "--vae-tiling" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: never replaced without --overwrite (when written, not only at start), never through a
+# symlink, never half-written; modes from the umask
+# --------------------------------------------------------------------------------------------------
+
+def sha256s(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (symlinks as their targets' names) with its digest."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (f"-> {os.readlink(p)}" if p.is_symlink()
+                                         else hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*")) if p.is_file() or p.is_symlink()}
+
+
+def test_a_file_that_appears_while_generating_is_not_replaced(base, tmp_path, capsys, monkeypatch):
+    """The start-up checks pass; another program writes an image while ours is generated; the write
+    refuses to replace it (a link, not a rename), and says so."""
+    out = tmp_path / "d"
+    intruder = out / "00001_3_tiger_shark.png"
+    real_call = cli.XARPipeline.__call__
+
+    def generate_while_another_run_writes(*args, **kwargs):
+        intruder.write_bytes(b"another run's image")
+        return real_call(*args, **kwargs)
+
+    monkeypatch.setattr(cli.XARPipeline, "__call__", generate_while_another_run_writes)
+    code, _, err = run(capsys, generate_main, base + ["--class", "3", "--num-images", "3", "--output", out])
+    assert_one_line_error(code, err, str(intruder), "already exists", "--overwrite")
+    assert intruder.read_bytes() == b"another run's image"
+    assert sorted(p.name for p in out.iterdir()) == ["00000_3_tiger_shark.png", "00001_3_tiger_shark.png"]
+    assert pixels(out / "00000_3_tiger_shark.png").shape == (32, 32, 3)  # written whole before the refusal
+
+
+def test_a_symlink_at_an_output_name_is_never_followed(base, tmp_path, capsys):
+    out, elsewhere = tmp_path / "d", tmp_path / "elsewhere.png"
+    out.mkdir()
+    elsewhere.write_bytes(b"precious")
+    link = out / "00000_3_tiger_shark.png"
+    link.symlink_to(elsewhere)
+    dangling = tmp_path / "g.png"
+    dangling.symlink_to(tmp_path / "nowhere" / "g.png")
+    before = sha256s(tmp_path)
+    for extra in ([], ["--grid", dangling]):
+        code, _, err = run(capsys, generate_main, base + ["--class", "3", "--output", out] + extra)
+        assert_one_line_error(code, err, "already exists", "--overwrite")
+        assert sha256s(tmp_path) == before
+
+    code, _, err = run(capsys, generate_main, base + ["--class", "3", "--output", out, "--overwrite"])
+    assert code == 0, err
+    assert not link.is_symlink() and pixels(link).shape == (32, 32, 3)
+    assert elsewhere.read_bytes() == b"precious"
+
+
+def test_grid_may_not_name_one_of_the_runs_images(base, tmp_path, capsys, no_loading):
+    out = tmp_path / "d"
+    out.mkdir()
+    (tmp_path / "alias").symlink_to(out)
+    for grid in (out / "00000_7_cock.png", tmp_path / "alias" / "00001_7_cock.png"):
+        code, _, err = run(capsys, generate_main, base + ["--class", "7", "--num-images", "2", "--output", out,
+                                                          "--grid", grid])
+        assert_one_line_error(code, err, f"--grid {grid} names one of this run's images")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--grid", "--npz"])
+def test_an_output_file_in_a_missing_folder_is_refused_and_no_folder_made(base, tmp_path, capsys, no_loading, option):
+    target = tmp_path / "no" / "such" / ("g.png" if option == "--grid" else "s.npz")
+    extra = [option, target] + ([] if option == "--grid" else ["--num-images", "2"])
+    before = sha256s(tmp_path)
+    code, _, err = run(capsys, generate_main, base + extra)
+    assert_one_line_error(code, err, option, str(tmp_path / "no" / "such"), "does not exist")
+    assert sha256s(tmp_path) == before and not (tmp_path / "no").exists()
+
+
+def test_modes_follow_the_umask(base, tiny_checkpoint, tmp_path, capsys):
+    previous = os.umask(0o027)
+    try:
+        assert run(capsys, generate_main, base + ["--output", tmp_path / "d", "--grid", tmp_path / "g.png"])[0] == 0
+        assert run(capsys, generate_main, ["--checkpoint", tiny_checkpoint, "--latents-only", "--steps", "1",
+                                           "--device", "cpu", "--quiet", "--output", tmp_path / "lat"])[0] == 0
+        assert run(capsys, convert_main, [tiny_checkpoint, tmp_path / "conv"])[0] == 0
+    finally:
+        os.umask(previous)
+    written = [*(tmp_path / "d").iterdir(), tmp_path / "g.png", tmp_path / "lat" / "latents.safetensors",
+               tmp_path / "conv" / "model.safetensors", tmp_path / "conv" / "config.json"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o640" for p in written}
+
+
+WITH_FILE_SIZE_LIMIT = """
+import resource, sys
+from xar_infer.cli import generate_main
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+sys.exit(generate_main(sys.argv[2:]))
+"""
+
+
+def test_a_file_size_limit_leaves_no_truncated_image_behind(base, tmp_path):
+    """EFBIG at a real limit (ulimit -f): the error names the file and the cause, nothing is left under
+    the image's name, and the rerun without the limit writes it (no 'already exists')."""
+    out = tmp_path / "d"
+    argv = [str(a) for a in base + ["--class", "3", "--output", out]]
+    limited = subprocess.run([sys.executable, "-c", WITH_FILE_SIZE_LIMIT, "200", *argv], capture_output=True, text=True)
+    assert limited.returncode == 2
+    assert limited.stderr.splitlines() == [
+        f"xar-generate: error: file too large (a file-size limit, see ulimit -f, or the file system's) writing "
+        f"{out / '00000_3_tiger_shark.png'}"]
+    assert os.listdir(out) == []
+    assert subprocess.run([sys.executable, "-c", WITH_FILE_SIZE_LIMIT, "-1", *argv]).returncode == 0
+    assert pixels(out / "00000_3_tiger_shark.png").shape == (32, 32, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests too large for memory are refused with their estimate, before anything is allocated
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--num-images", "1000000000"], ["planning --num-images 1000000000 needs about 400.0 GB", "available"]),
+    (["--upscale", "100000"], ["--num-images 1 with --upscale 100000 needs about 640.0 GB"]),
+    (["--num-images", "4000", "--upscale", "300", "--grid", "GRID"], ["--grid needs about 46.1 GB", "fewer or smaller"]),
+    (["--batch-size", "100000", "--num-images", "100000"], ["--batch-size 100000 needs about 78.7 GB",
+                                                           "smaller --batch-size"]),
+])
+def test_requests_that_cannot_fit_in_memory_are_refused(tmp_path, capsys, extra, fragments):
+    extra = [str(tmp_path / "g.png") if a == "GRID" else a for a in extra]
+    started = time.perf_counter()
+    code, _, err = run(capsys, generate_main, ["--model", "xar-digits", "--steps", "1", "--device", "cpu",
+                                               "--output", tmp_path / "out", *extra])
+    assert_one_line_error(code, err, *fragments)
+    assert time.perf_counter() - started < 120  # refused, not attempted (an attempt takes hours or the OOM killer)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_latents_that_cannot_fit_in_memory_are_refused(tiny_checkpoint, tmp_path, capsys):
+    code, _, err = run(capsys, generate_main, ["--checkpoint", tiny_checkpoint, "--latents-only", "--steps", "1",
+                                               "--num-images", "2000000", "--device", "cpu", "--output", tmp_path / "o"])
+    assert_one_line_error(code, err, "keeping the latents of --num-images 2000000 needs about 65.5 GB")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+# --------------------------------------------------------------------------------------------------
+# Messages and defaults
+# --------------------------------------------------------------------------------------------------
+
+def test_a_steps_list_of_the_wrong_length_names_steps(tmp_path, capsys, no_loading):
+    code, _, err = run(capsys, generate_main, ["--model", "xar-digits", "--steps", "10,8", "--output", tmp_path / "o"])
+    assert_one_line_error(code, err, "--steps 10,8 gives 2 counts, but this model makes 4 cells")
+    assert "num_inference_steps" not in err
+
+
+def test_help_says_which_model_is_bundled(capsys):
+    with pytest.raises(SystemExit):
+        generate_main(["--help"])
+    assert "xar-digits (bundled with the package: runs offline)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_default_class_fits_the_model(tmp_path, capsys):
+    code, _, err = run(capsys, generate_main, ["--model", "xar-digits", "--steps", "1", "--device", "cpu", "--quiet",
+                                               "--output", tmp_path / "o"])
+    assert code == 0, err
+    assert os.listdir(tmp_path / "o") == ["00000_0.png"]
+
+
+def test_a_bug_keeps_its_traceback(base, tmp_path, monkeypatch):
+    """Only our own error types and OS errors become one-line exits; anything else is a bug."""
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not a user's mistake")
+
+    monkeypatch.setattr(cli, "run_batches", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        generate_main([str(a) for a in base + ["--output", tmp_path / "d"]])

@@ -46,9 +46,9 @@ DEFAULT_IMAGENET_CLASS = "207"  # golden retriever
 DEFAULT_OUTPUT = "out"
 LATENTS_FILE = "latents.safetensors"
 OVERWRITE_HINT = "pass --overwrite to replace it"
-# Host memory a planned output file costs before anything is generated (its path and class id),
-# measured at about 250 bytes; the lower bound keeps refusals to what cannot fit.
-PLANNED_FILE_BYTES = 100
+# Host memory a planned output file costs before anything is generated: its path and class id
+# (measured: about 300 bytes with an ImageNet name) and the path's text once it is checked.
+PLANNED_FILE_BYTES = 400
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's upper bound
 

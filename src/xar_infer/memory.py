@@ -1,8 +1,8 @@
 """Memory checks before allocating: refuse a request that cannot fit, with the estimate, instead of
 growing until the operating system kills the process.
 
-Estimates are lower bounds (the large buffers a request must hold at once), so a refusal means the
-request cannot fit; one that passes may still run out, and then fails with the allocator's error.
+Estimates count the large buffers a request must hold at once, not every small one, so a request
+that passes may still run out, and then fails with the allocator's error.
 """
 
 from __future__ import annotations
@@ -61,5 +61,5 @@ def require_memory(needed: float, device: torch.device | str, what: str, fix: st
     have = available_bytes(device)
     if needed > have:
         where = "this machine" if torch.device(device).type != "cuda" else str(device)
-        raise ResourceError(f"{what} needs at least {format_bytes(needed)}, but {where} has {format_bytes(have)} "
+        raise ResourceError(f"{what} needs about {format_bytes(needed)}, but {where} has {format_bytes(have)} "
                             f"available; {fix}")

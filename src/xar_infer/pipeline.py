@@ -108,8 +108,8 @@ class XARPipeline:
 
     def memory_needed(self, num_images: int, output_type: str = "pil", guided: bool = True,
                       vae_tile_size: int | None = None, vae_tile_overlap: int = DEFAULT_TILE_OVERLAP) -> int:
-        """Bytes that one call making ``num_images`` images must hold at once on the pipeline's device, at
-        least: the KV cache (both guidance halves when ``guided``) and, when decoding, the decoder's two
+        """Bytes that one call making ``num_images`` images holds at once on the pipeline's device, counting
+        its large buffers: the KV cache (both guidance halves when ``guided``) and, when decoding, the decoder's two
         widest activations (a convolution's input and output at full resolution, or at the tile's
         window) and the images themselves."""
         config = self.transformer.config
