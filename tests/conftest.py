@@ -21,6 +21,9 @@ from xar_infer.loading import released_buffers
 from xar_infer.model import XARTransformer
 from xar_infer.vae import AutoencoderKLDecoder, VAEConfig
 
+# The --require-parity option (re-exported hooks: pytest registers what this module defines).
+from parity_gate import pytest_addoption, pytest_configure  # noqa: F401
+
 PARITY_DIR = Path(__file__).resolve().parent / "fixtures" / "parity"
 
 def pytest_collection_modifyitems(config, items):

@@ -35,6 +35,8 @@ from xar_infer.model import TORCH_OPS
 
 from conftest import TRITON_DEVICE
 
+pytestmark = pytest.mark.parity
+
 FIXTURE_FORWARD_ROUNDING = 1.3e-6  # measured 1.28e-6 (fwd.v2)
 OUR_FORWARD_ROUNDING = 2.5e-6  # measured up to 1.30e-6
 FORWARD_TOL = FIXTURE_FORWARD_ROUNDING + OUR_FORWARD_ROUNDING

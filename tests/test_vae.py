@@ -59,6 +59,7 @@ def fixture_tensors():
         return f.metadata(), f.get_tensor("z"), f.get_tensor("image")
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("ch_mult", [None, (1, 1, 2)])
 def test_decode_matches_official(fixture_tensors, ch_mult):
     meta, z, image = fixture_tensors
@@ -72,6 +73,7 @@ def test_decode_matches_official(fixture_tensors, ch_mult):
     assert err <= VAE_TOL, f"max abs error {err:.3e} vs the official decode"
 
 
+@pytest.mark.parity
 def test_float64_decode_brackets_the_official_one(fixture_tensors):
     """What justifies VAE_TOL: our fp32 decode near our float64 one, the fixture within its own
     float32 rounding of it."""
