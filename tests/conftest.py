@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints in the released formats, made here, and the official parity files."""
+"""Shared fixtures: tiny checkpoints in the released formats, made here, and the official parity files
+(tests/fixtures/parity, made by tools/make_parity_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from xar_infer.loading import released_buffers
 from xar_infer.model import XARTransformer
 from xar_infer.vae import AutoencoderKLDecoder, VAEConfig
 
-PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
+# The --require-parity option (re-exported hooks: pytest registers what this module defines).
+from parity_gate import pytest_addoption, pytest_configure  # noqa: F401
+
+PARITY_DIR = Path(__file__).resolve().parent / "fixtures" / "parity"
 
 def pytest_collection_modifyitems(config, items):
     """triton is a Linux-only dependency: elsewhere its tests are reported as skipped, never as passed."""
@@ -81,8 +85,10 @@ def tiny_vae_checkpoint(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def parity_dir() -> Path:
+    """The official fixtures ship with the repository: a missing one is an error, never a skip."""
     if not PARITY_DIR.is_dir():
-        pytest.skip(f"official parity fixtures not found at {PARITY_DIR} (CI has them)")
+        raise FileNotFoundError(f"{PARITY_DIR} is missing; it is part of the repository (git checkout it, or "
+                                "regenerate it with tools/make_parity_fixtures.py)")
     return PARITY_DIR

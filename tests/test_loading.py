@@ -258,6 +258,7 @@ def test_local_files_only_without_cache(tmp_path):
         load_pretrained("xar-h", cache_dir=tmp_path, local_files_only=True)
 
 
+@pytest.mark.parity
 def test_released_buffers_match_the_official_file(parity_dir):
     """Our derived buffers equal those the official code stored (all but the one perturbed table)."""
     state = torch.load(parity_dir / "xar_tiny.pth", weights_only=True)

@@ -8,7 +8,8 @@ from safetensors import safe_open
 from xar_infer.checkpoint_io import CheckpointError, write_safetensors
 from xar_infer.vae import AutoencoderKLDecoder, VAEConfig, infer_vae_config, load_vae
 
-PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
+from conftest import PARITY_DIR
+
 VAE_FIXTURE = PARITY_DIR / "vae_small.safetensors"
 SMALL = VAEConfig(embed_dim=16, ch=32, ch_mult=(1, 2), num_res_blocks=1)
 
@@ -43,15 +44,22 @@ def save_ckpt(tmp_path: Path, sd: dict, name: str = "kl.ckpt") -> Path:
 
 
 # ---- parity with the official implementation ------------------------------------------------------
+# The fixture's decode (|image| <= 3.1) lies 2.99e-6 from our float64 decode of the same fp16 weights:
+# its own float32 rounding. Ours lies up to 3.8e-6 from float64 (1 and 2 threads, with and without
+# oneDNN's convolutions) and gets about twice that, so VAE_TOL = 3e-6 + 7e-6; measured
+# |ours - fixture| 2.7e-6 to 4.3e-6.
+FIXTURE_VAE_ROUNDING = 3e-6
+OUR_VAE_ROUNDING = 7e-6
+VAE_TOL = FIXTURE_VAE_ROUNDING + OUR_VAE_ROUNDING
+
 
 @pytest.fixture(scope="module")
 def fixture_tensors():
-    if not PARITY_DIR.is_dir():
-        pytest.skip(f"parity fixtures not present at {PARITY_DIR}")
     with safe_open(VAE_FIXTURE, "pt") as f:
         return f.metadata(), f.get_tensor("z"), f.get_tensor("image")
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("ch_mult", [None, (1, 1, 2)])
 def test_decode_matches_official(fixture_tensors, ch_mult):
     meta, z, image = fixture_tensors
@@ -62,7 +70,19 @@ def test_decode_matches_official(fixture_tensors, ch_mult):
         out = vae.decode(z)
     assert out.shape == image.shape == (2, 3, 32, 32)
     err = (out - image).abs().max().item()
-    assert err <= 1e-4, f"max abs error {err:.3e} vs the official decode"
+    assert err <= VAE_TOL, f"max abs error {err:.3e} vs the official decode"
+
+
+@pytest.mark.parity
+def test_float64_decode_brackets_the_official_one(fixture_tensors):
+    """What justifies VAE_TOL: our fp32 decode near our float64 one, the fixture within its own
+    float32 rounding of it."""
+    _, z, image = fixture_tensors
+    with torch.no_grad():
+        out32 = load_vae(VAE_FIXTURE).decode(z)
+        out64 = load_vae(VAE_FIXTURE, dtype=torch.float64).decode(z.double())
+    assert (out32.double() - out64).abs().max().item() <= OUR_VAE_ROUNDING
+    assert (image.double() - out64).abs().max().item() <= FIXTURE_VAE_ROUNDING
 
 
 # ---- loading a kl16.ckpt-style file ---------------------------------------------------------------
@@ -184,10 +204,10 @@ def test_a_window_covering_the_latent_is_the_untiled_decode(small_vae, shape):
 def test_tiled_decode_of_the_parity_vae(small_vae, fixture_tensors):
     """The fixture's random-weight VAE (stride 4) on its 8x8 latents, against its untiled decode. Its
     GroupNorm statistics are per window, which caps the fidelity; more halo helps. Measured PSNR:
-    tile 2 / halo 1: 18.2 dB, tile 2 / halo 2: 24.5 dB, tile 3 / halo 2: 27.7 dB; asserted just below."""
+    tile 2 / halo 1: 17.6 dB, tile 2 / halo 2: 22.4 dB, tile 3 / halo 2: 26.2 dB; asserted just below."""
     z = fixture_tensors[1]
     full = small_vae.decode(z)
-    measured = {(2, 1): 18.0, (2, 2): 24.2, (3, 2): 27.2}
+    measured = {(2, 1): 17.3, (2, 2): 22.1, (3, 2): 25.9}
     for (tile, overlap), floor in measured.items():
         tiled = small_vae.decode(z, tile_size=tile, tile_overlap=overlap)
         assert tiled.shape == full.shape

@@ -26,11 +26,10 @@ case "${1:-}" in
     $python -c "import xar_infer; b = xar_infer.vae_tiling_backend('cuda'); print('vae tiling on cuda:', b); assert b == 'cuda'"
     ;;
   tests)
-    # The parity test needs ../shared/parity beside the checkout, as in CI. pytest-xdist, where
-    # installed, spreads the Triton compilations over the CPU cores.
+    # pytest-xdist, where installed, spreads the Triton compilations over the CPU cores.
     parallel=$($python -c "import xdist" 2>/dev/null && echo "-n 8" || true)
     $python -m pytest -q -rs $parallel tests/test_kernels.py tests/test_vae.py tests/test_backends.py \
-      tests/test_pipeline.py tests/test_cuda_graphs.py tests/test_parity.py \
+      tests/test_pipeline.py tests/test_cuda_graphs.py tests/test_parity.py tests/test_parity_cuda.py \
       2>&1 | tee "$results/$gpu-tests.log"
     copy_out "$results/$gpu-tests.log"
     ;;
