@@ -187,3 +187,22 @@ def test_cuda_graphs_give_the_eager_images_on_cuda(tiny_checkpoint, tiny_vae_che
     pipe.enable_cuda_graphs()
     assert torch.equal(run(0), eager[0]) and torch.equal(run(1), eager[1])
     assert pipe._cuda_graphs.num_graphs == 7
+
+
+@pytest.mark.parametrize("dtype, advice", [
+    (torch.float16, "use dtype=torch.bfloat16"),
+    (torch.bfloat16, "try dtype=torch.float32"),
+    (torch.float32, "check them"),
+])
+def test_the_nan_guard_advises_only_what_can_help(dtype, advice):
+    from xar_infer.errors import NumericalError
+    from xar_infer.pipeline import check_finite
+
+    values = torch.zeros(3, 4)
+    values[1, 2] = float("nan")
+    with pytest.raises(NumericalError, match=r"image\(s\) \[1\] hold inf or NaN") as raised:
+        check_finite(values, "latents", dtype)
+    message = str(raised.value)
+    assert advice in message
+    if dtype == torch.float32:  # already the exact mode: fp32 is no advice
+        assert "dtype=torch.float32" not in message

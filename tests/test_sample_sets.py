@@ -527,3 +527,29 @@ def test_two_processes_write_the_same_file_as_one(tiny_checkpoint, tiny_vae_chec
     assert done.returncode == 0, done.stderr[-2000:]
     assert double.read_bytes() == single.read_bytes()
     assert _left_behind(tmp_path, double) == []
+
+
+def test_a_run_that_fails_before_its_first_image_does_not_block_the_corrected_one(
+        tiny_checkpoint, tiny_vae_checkpoint, labels_file, tmp_path, capsys, monkeypatch):
+    """fp16 overflows (its error advises bf16); the corrected command must then simply run."""
+    from xar_infer import cli
+
+    real_load = cli.load_pipeline
+
+    def load(args, device):
+        pipe = real_load(args, device)
+        if args.dtype == "fp16":
+            with torch.no_grad():
+                pipe.transformer.pred.weight.mul_(1e6)  # outputs far beyond fp16's range
+        return pipe
+
+    monkeypatch.setattr(cli, "load_pipeline", load)
+    npz = tmp_path / "s.npz"
+    job = _job(tiny_checkpoint, tiny_vae_checkpoint, npz, labels_file, "--batch-size", 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # float16 is slow on CPU: said once, tested elsewhere
+        code = generate_main(job + ["--dtype", "fp16"])
+    assert code == 2 and "use dtype=torch.bfloat16" in capsys.readouterr().err
+    assert _left_behind(tmp_path, npz) == []
+    assert generate_main(job + ["--dtype", "bf16"]) == 0
+    assert np.load(npz)["arr_0"].shape == (12, 32, 32, 3)

@@ -1,6 +1,6 @@
 """xar_infer: exact, fast inference for xAR class-conditional image generators."""
 
-from .errors import CheckpointError, InvalidArgumentError, NumericalError, XARError
+from .errors import CheckpointError, InvalidArgumentError, NumericalError, ResourceError, XARError
 from .config import PRESETS, XARConfig
 from .loading import convert_checkpoint
 from .model import KVCache, XARTransformer
@@ -14,6 +14,7 @@ __all__ = [
     "KVCache",
     "NumericalError",
     "PRESETS",
+    "ResourceError",
     "XARConfig",
     "XARError",
     "XARPipeline",
