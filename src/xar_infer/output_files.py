@@ -59,35 +59,34 @@ def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, ov
     writing, not only when the run started); ``exists_hint`` is appended to its message. The new
     file's mode follows the umask, like any file a program creates.
     """
-    path = Path(path)
-    tmp = temporary_name(path)
-    try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+    def fill(tmp: Path) -> None:
+        with open(os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW), "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        _publish(tmp, path, overwrite, exists_hint)
-    except (FileExistsError, IsADirectoryError):
-        raise
-    except OSError as exc:
-        raise _os_error(WriteError, exc.errno, f"{describe_os_error(exc)} writing {path}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    _write_through_temporary(Path(path), fill, overwrite, exists_hint)
 
 
 def write_file_by_path(path: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False,
                        exists_hint: str = "") -> None:
     """:func:`write_file` for writers that take a file name (e.g. safetensors' ``save_file``), which may
     replace the temporary file with one of their own: its mode is set back to what a new file gets here."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    def fill(tmp: Path) -> None:
         mode = tmp.stat().st_mode & 0o777  # 0o666 less the umask, read without changing the process's umask
         write(tmp)
         os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+
+    _write_through_temporary(Path(path), fill, overwrite, exists_hint)
+
+
+def _write_through_temporary(path: Path, fill: Callable[[Path], None], overwrite: bool, exists_hint: str) -> None:
+    tmp = temporary_name(path)
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        fill(tmp)
         _publish(tmp, path, overwrite, exists_hint)
     except (FileExistsError, IsADirectoryError):
         raise
