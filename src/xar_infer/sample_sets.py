@@ -18,6 +18,7 @@ split: batches are fixed ranges of image indices, and under ``torchrun`` each pr
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -37,7 +38,7 @@ from .memory import format_bytes
 from .output_files import is_temporary, require_parent_folder, write_file
 
 MANIFEST_NAME = "manifest.json"
-ASSEMBLED_NAME = "assembled.json"  # the digest of the .npz about to be published (see WorkFolder.publish)
+ASSEMBLED_NAME = "assembled.json"  # the digest of the .npz about to be published (finish_interrupted_cleanup)
 LOCK_NAME = "lock"
 SHARD_PATTERN = re.compile(r"^(\d{8})-(\d{8})\.([0-9a-f]{32})\.npy$")
 FORMAT = 2
@@ -137,18 +138,17 @@ class WorkFolder:
     # ---- opening: lock, leftovers, manifest, shards --------------------------------------------------
 
     def check_target(self, overwrite: bool) -> None:
-        """What can be checked before the model is loaded: the name, its folder, an existing result
-        (after finishing the cleanup of a run killed just after publishing it)."""
-        path = self.path
+        """What can be checked before the model is loaded: the name, its folder, an existing result.
+        An existing result with a work folder beside it is left to :meth:`lock`, which first finishes
+        the cleanup of a run killed just after publishing it."""
+        path, parts = self.path, self.parts
         if path.suffix != ".npz":
             raise InvalidArgumentError(f"--npz must name a .npz file, got {path}")
         require_parent_folder(path, "--npz")
-        self.finish_interrupted_cleanup()
-        if os.path.lexists(path) and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass --overwrite to make the sample set again")
+        if not os.path.lexists(parts):
+            self._refuse_an_existing_result(overwrite)
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a directory; it cannot be replaced by a sample set")
-        parts = path.with_name(path.name + ".parts")
         if parts.is_symlink():
             raise SampleSetError(f"{parts} is a symlink; the work folder must be a real folder beside {path.name}: "
                                  "remove the link")
@@ -159,6 +159,8 @@ class WorkFolder:
         """Take the work folder (creating it), or refuse because another run holds it. Removes what a
         killed run left: temporary files, and a work folder whose result was already published."""
         self.check_target(overwrite)
+        self.finish_interrupted_cleanup()
+        self._refuse_an_existing_result(overwrite)
         lock = FolderLock.acquire(self.parts)
         try:
             self._remove_temporaries()
@@ -168,6 +170,10 @@ class WorkFolder:
             lock.release()
             raise
         return lock
+
+    def _refuse_an_existing_result(self, overwrite: bool) -> None:
+        if os.path.lexists(self.path) and not overwrite:
+            raise FileExistsError(f"{self.path} already exists; pass --overwrite to make the sample set again")
 
     def finish_interrupted_cleanup(self) -> None:
         """A run killed after publishing the ``.npz`` but before removing its work folder leaves both;
@@ -400,8 +406,6 @@ class _ShardChanged(Exception):
 
 def _npy_header(shape: Sequence[int]) -> bytes:
     """The ``.npy`` header ``np.save`` writes for a C-ordered uint8 array of ``shape``."""
-    import io
-
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
     return buffer.getvalue()
@@ -412,8 +416,10 @@ def images_sha256(npz_path: Path) -> str | None:
     digest = hashlib.sha256()
     try:
         with zipfile.ZipFile(npz_path) as archive, archive.open("arr_0.npy") as member:
-            np.lib.format.read_array_header_1_0(member) if np.lib.format.read_magic(member) == (1, 0) \
-                else np.lib.format.read_array_header_2_0(member)
+            if np.lib.format.read_magic(member) == (1, 0):
+                np.lib.format.read_array_header_1_0(member)
+            else:
+                np.lib.format.read_array_header_2_0(member)
             for chunk in iter(lambda: member.read(READ_CHUNK), b""):
                 digest.update(chunk)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
