@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -133,6 +136,62 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, tiny_mo
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the trap is real: full unpickling would have created the file
     assert marker.exists()
+
+
+class CallsGlobal:
+    """Unpickling this calls ``function(*args)``: what a malicious checkpoint does."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("function, args, named", [
+    (os.getcwd, (), "getcwd"),  # posix.getcwd here, nt.getcwd on Windows
+    (builtins.exec, ("import os",), "exec"),
+])
+def test_a_pickle_refusal_names_the_global_and_never_advises_full_unpickling(tmp_path, tiny_model, function, args, named):
+    from xar_infer import load_vae
+
+    path = _save(tmp_path, {**released_state_dict(tiny_model), "payload": CallsGlobal(function, *args)})
+    for load in (load_local, load_vae):
+        with pytest.raises(CheckpointError) as info:
+            load(path)
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message, message
+        assert f"would call {named}" in message or re.search(rf"would call \w+\.{named}\)", message), message
+        assert "only plain state dicts" in message, message
+        # torch's own message advises weights_only=False (running the pickle) and add_safe_globals
+        assert "weights_only" not in message and "safe_globals" not in message, message
+
+
+def test_compressed_records_are_refused_before_they_expand(tmp_path, tiny_checkpoint):
+    deflated = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(tiny_checkpoint) as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in source.infolist():
+            out.writestr(info.filename, source.read(info.filename))
+    assert deflated.stat().st_size < tiny_checkpoint.stat().st_size  # the records really are compressed
+    torch.load(deflated, weights_only=True)  # which torch itself would expand
+    with pytest.raises(CheckpointError, match=f"{deflated} has compressed records"):
+        load_local(deflated)
+
+
+def test_views_larger_than_the_stored_bytes_are_refused(tmp_path, tiny_model):
+    """A stride-0 view of one stored float reads as 400 MB; nothing may be built from it."""
+    path = _save(tmp_path, {**released_state_dict(tiny_model), "fake": torch.zeros(1).expand(10**8)})
+    assert path.stat().st_size < 10**6
+    with pytest.raises(CheckpointError, match=r"its tensors view 40\d{7} bytes but the file stores \d{6};"):
+        load_local(path)
+
+
+def test_one_tensor_under_two_weight_names_is_refused(tmp_path, tiny_model):
+    """Cast or moved, each name would get its own copy: a file could multiply itself that way."""
+    state = released_state_dict(tiny_model)  # its RoPE tables are shared, which is fine: they are not loaded
+    state["decoder_blocks.0.attn.proj.weight"] = state["encoder_blocks.0.attn.proj.weight"]
+    with pytest.raises(CheckpointError, match="decoder_blocks.0.attn.proj.weight and encoder_blocks.0.attn.proj.weight are the same data"):
+        load_local(_save(tmp_path, state), dtype=torch.bfloat16)
 
 
 def test_sha256_is_checked_before_loading(tmp_path, tiny_checkpoint):
