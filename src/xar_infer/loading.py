@@ -9,6 +9,7 @@ Our format is a directory with ``model.safetensors`` (parameters only) and ``con
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,18 +26,20 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import CheckpointError
-from .checkpoint_io import load_strict, read_state_dict, verify_sha256, write_safetensors
+from .errors import CheckpointError, InvalidArgumentError
+from .checkpoint_io import error_summary, load_strict, read_state_dict, verify_sha256, write_safetensors
 from .config import (
     FALLBACK_GUIDANCE_SCALE,
     FALLBACK_NUM_INFERENCE_STEPS,
     PRESETS,
     XARConfig,
+    check_config_matches,
     find_preset,
     infer_config,
     preset_for_config,
 )
 from .model import XARTransformer, block_causal_mask, rope_frequencies, rope_tables
+from .sampling import cell_step_counts
 
 WEIGHTS_NAME = "model.safetensors"
 # A missing path with one of these endings is a mistyped file, not a Hub repo id.
@@ -110,13 +113,20 @@ def _split_buffers(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 def build_model(state_dict: dict[str, torch.Tensor], source: str, config: XARConfig | None = None, *,
                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> XARTransformer:
-    """An inference-only :class:`XARTransformer` from a state dict (released or ours), strictly checked."""
-    params, buffers = _split_buffers(state_dict)
-    if config is None:
-        try:
+    """An inference-only :class:`XARTransformer` from a state dict (released or ours), strictly checked.
+
+    The config (given, or read off the shapes) is checked against the tensors before anything is
+    built from it, so a hostile config or key cannot make us allocate more than the file holds.
+    """
+    inferred = config is None
+    try:
+        if inferred:
             config = infer_config(state_dict)
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{source}: {exc.args[0]}; is this an xAR checkpoint?") from exc
+        check_config_matches(config, state_dict)
+    except CheckpointError as exc:
+        hint = "is this an xAR checkpoint?" if inferred else f"does the {CONFIG_NAME} belong to these weights?"
+        raise CheckpointError(f"{source}: {exc}; {hint}") from None
+    params, buffers = _split_buffers(state_dict)
     if buffers:
         check_released_buffers(buffers, config, source)
     with torch.device("meta"):
@@ -133,13 +143,22 @@ def _defaults_for(config: XARConfig) -> tuple[int, float]:
     return preset.num_inference_steps, preset.guidance_scale
 
 
-def _read_config_json(path: Path) -> tuple[XARConfig, int | None, float | None]:
+def _read_config_json(path: Path) -> tuple[XARConfig, int | list[int] | None, float | None]:
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "xar_config" not in data:
+            raise InvalidArgumentError("it has no 'xar_config' object")
         config = XARConfig.from_dict(data["xar_config"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path} is not a valid xar_infer config ({exc}); re-run xar-convert") from exc
-    return config, data.get("num_inference_steps"), data.get("guidance_scale")
+        steps, scale = data.get("num_inference_steps"), data.get("guidance_scale")
+        if steps is not None:
+            cell_step_counts(steps, config.num_cells)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale) or scale < 1):
+            raise InvalidArgumentError(f"guidance_scale must be a finite number >= 1, got {scale!r}")
+    # RecursionError: JSON nested too deeply to parse.
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not a valid xar_infer config ({error_summary(exc)}); re-run xar-convert") from None
+    return config, steps, scale
 
 
 def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
@@ -162,7 +181,8 @@ def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         verify_sha256(weights, sha256)
     model = build_model(read_state_dict(weights), str(weights), config, dtype=dtype, device=device)
     default_steps, default_scale = _defaults_for(model.config)
-    return LoadedModel(model, steps or default_steps, scale or default_scale, str(weights))
+    return LoadedModel(model, default_steps if steps is None else steps,
+                       default_scale if scale is None else scale, str(weights))
 
 
 def hub_download(repo_id: str, filename: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
