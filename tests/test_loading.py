@@ -6,10 +6,15 @@ import builtins
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import zipfile
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -263,6 +268,128 @@ def _fake_hub_cache(root: Path, repo_id: str, files: dict[str, bytes], commit: s
 def _run_offline(code: str, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(SRC)}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _run_with_hub(code: str, cache: Path, endpoint: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``code`` in a child whose Hub is ``endpoint`` (not offline mode); and its wall time."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), PYTHONPATH=str(SRC), HF_HUB_DISABLE_TELEMETRY="1")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    return result, time.perf_counter() - start
+
+
+@contextmanager
+def _closed_port():
+    """An endpoint that refuses connections at once: a port bound but not listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@contextmanager
+def _fake_hub(files: dict[str, bytes], status: int = 200):
+    """A local server answering like the Hub's ``resolve`` URLs: ``files`` maps ``repo/resolve/main/name``."""
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, body: bool):
+            requests.append((self.command, self.path))
+            data = files.get(self.path.lstrip("/"))
+            code = status if data is not None or status != 200 else 404
+            self.send_response(code)
+            if code == 404:
+                self.send_header("X-Error-Code", "EntryNotFound")  # how the Hub tells a missing file
+            if code == 200:
+                self.send_header("X-Repo-Commit", "a" * 40)
+                self.send_header("ETag", f'"{hash(data) & 0xffffffff:x}"')
+            self.send_header("Content-Length", str(len(data) if code == 200 else 0))
+            self.end_headers()
+            if body and code == 200:
+                self.wfile.write(data)
+
+        def do_HEAD(self):
+            self._answer(False)
+
+        def do_GET(self):
+            self._answer(True)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+LOAD_XAR_B = """
+    from xar_infer import XARPipeline
+    print(XARPipeline.from_pretrained("xar-b").transformer.config.dim)
+"""
+GENERATE_XAR_B = """
+    import sys
+    from xar_infer.cli import generate_main
+    sys.exit(generate_main(["--model", "xar-b", "--latents-only", "--output", "unused"]))
+"""
+# huggingface_hub alone sleeps 1+2+4+8+8 = 23 s between its retries before it gives up; starting
+# Python and torch in the child takes 3-8 s on our loaded 2-core machine. Under 20 s therefore means
+# no retry ran, with room left for a slow CI machine.
+NO_RETRY_SECONDS = 20
+
+
+def test_an_unreachable_hub_fails_in_one_line_without_retries(tmp_path):
+    (tmp_path / "cache").mkdir()
+    with _closed_port() as endpoint:
+        result, seconds = _run_with_hub(GENERATE_XAR_B, tmp_path / "cache", endpoint)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "xAR-B.pth of OliverRen/xAR is not in the Hugging Face cache" in lines[0], lines[0]
+    assert "the Hub cannot be reached" in lines[0] and "--checkpoint" in lines[0], lines[0]
+    assert seconds < NO_RETRY_SECONDS, seconds
+
+
+def test_an_unreachable_hub_still_serves_the_cache(tmp_path, tiny_checkpoint):
+    cache = _fake_hub_cache(tmp_path / "hub", "OliverRen/xAR", {"xAR-B.pth": tiny_checkpoint.read_bytes()})
+    with _closed_port() as endpoint:
+        result, seconds = _run_with_hub(LOAD_XAR_B, cache, endpoint)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.strip() == str(TINY_CONFIG.dim)
+    assert seconds < NO_RETRY_SECONDS, seconds
+
+
+def test_a_reachable_hub_downloads_once_probed(tmp_path, tiny_checkpoint):
+    files = {"OliverRen/xAR/resolve/main/xAR-B.pth": tiny_checkpoint.read_bytes()}
+    with _fake_hub(files) as (endpoint, requests):
+        result, _ = _run_with_hub(LOAD_XAR_B, tmp_path / "cache", endpoint)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(TINY_CONFIG.dim)
+    assert ("GET", "/OliverRen/xAR/resolve/main/xAR-B.pth") in requests
+
+
+def test_a_hub_server_error_fails_in_one_line_without_retries(tmp_path, tiny_checkpoint):
+    (tmp_path / "cache").mkdir()
+    files = {"OliverRen/xAR/resolve/main/xAR-B.pth": tiny_checkpoint.read_bytes()}
+    with _fake_hub(files, status=503) as (endpoint, requests):
+        result, seconds = _run_with_hub(GENERATE_XAR_B, tmp_path / "cache", endpoint)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "the Hub cannot be reached: HTTP 503" in lines[0], lines[0]
+    assert [r for r in requests if "xAR-B.pth" in r[1]] == [("HEAD", "/OliverRen/xAR/resolve/main/xAR-B.pth")]
+    assert seconds < NO_RETRY_SECONDS, seconds
+
+
+def test_a_file_missing_on_the_hub_is_named(tmp_path):
+    with _fake_hub({}) as (endpoint, _):
+        result, _ = _run_with_hub(GENERATE_XAR_B, tmp_path / "cache", endpoint)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "cannot fetch xAR-B.pth from Hub repo OliverRen/xAR at revision main" in lines[0], lines[0]
 
 
 def test_preset_loads_from_the_hub_cache_offline(tmp_path, tiny_checkpoint):

@@ -17,7 +17,8 @@ from importlib.resources import files
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -187,22 +188,54 @@ def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
 
 def hub_download(repo_id: str, filename: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                  local_files_only: bool = False) -> Path:
-    """Path of ``filename`` from a Hugging Face repo, downloaded or from the local cache."""
+    """Path of ``filename`` from a Hugging Face repo, downloaded or from the local cache.
+
+    One metadata request first (huggingface_hub's own, without retries, its ``HF_HUB_ETAG_TIMEOUT``)
+    tells whether the Hub answers. If it does not, the cached copy is used, or one
+    :class:`CheckpointError` says what to do: huggingface_hub alone would retry with backoff, about
+    25 s and a dozen log lines when there is no network.
+    """
+    unreachable = None if local_files_only else _hub_unreachable(repo_id, filename, revision)
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                    local_files_only=local_files_only))
-    except LocalEntryNotFoundError as exc:
+                                    local_files_only=local_files_only or unreachable is not None))
+    except LocalEntryNotFoundError:
+        why = "local_files_only is set" if unreachable is None else f"the Hub cannot be reached: {unreachable}"
         raise CheckpointError(
-            f"{filename} of {repo_id} is not in the Hugging Face cache and cannot be downloaded (offline, "
-            f"local_files_only, or no connection). Download it where you are online (`hf download {repo_id} "
-            f"{filename}`), or pass the local file: XARPipeline.from_pretrained('/path/to/{filename}') or "
-            "xar-generate --checkpoint /path/to/file"
-        ) from exc
+            f"{filename} of {repo_id} is not in the Hugging Face cache and cannot be downloaded ({why}). "
+            f"Download it where you are online (`hf download {repo_id} {filename}`), or pass the local file: "
+            f"XARPipeline.from_pretrained('/path/to/{filename}') or xar-generate --checkpoint /path/to/file"
+            + ("" if unreachable is None else f"; on a slow connection raise HF_HUB_ETAG_TIMEOUT (now "
+               f"{hub_constants.HF_HUB_ETAG_TIMEOUT} s)")
+        ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
-        raise CheckpointError(f"cannot fetch {filename} from Hub repo {repo_id} at revision {revision or 'main'}: "
-                              f"{type(exc).__name__}; check the name and revision") from exc
+        raise _not_on_hub(repo_id, filename, revision, exc) from None
     except HfHubHTTPError as exc:
-        raise CheckpointError(f"downloading {filename} from {repo_id} failed: {exc}") from exc
+        raise CheckpointError(f"downloading {filename} from {repo_id} failed: {error_summary(exc)}") from None
+
+
+def _hub_unreachable(repo_id: str, filename: str, revision: str | None) -> str | None:
+    """Why the Hub gives no metadata for the file right now (no network, offline mode, a server error),
+    or None when it answers. An answer that the file does not exist raises."""
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=hub_constants.HF_HUB_ETAG_TIMEOUT)
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+        raise _not_on_hub(repo_id, filename, revision, exc) from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status is not None and (status >= 500 or status in (408, 429)):  # what huggingface_hub would retry
+            return f"HTTP {status}"
+        raise CheckpointError(f"downloading {filename} from {repo_id} failed: {error_summary(exc)}") from None
+    # The HTTP client's own errors (requests, httpx or httpx2, by huggingface_hub version) and its
+    # OfflineModeIsEnabled: no route, refused, timed out, HF_HUB_OFFLINE set.
+    except Exception as exc:
+        return f"{type(exc).__name__}: {error_summary(exc)}"
+    return None
+
+
+def _not_on_hub(repo_id: str, filename: str, revision: str | None, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot fetch {filename} from Hub repo {repo_id} at revision {revision or 'main'}: "
+                           f"{type(exc).__name__}; check the name and revision")
 
 
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
