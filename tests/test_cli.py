@@ -209,6 +209,8 @@ EARLY_ERRORS = {
     "unknown class name": (["--class", "not a real animal"], ["unknown ImageNet class name", "not a real animal"]),
     "ambiguous class name": (["--class", "crane"], ["ambiguous", "134", "517"]),
     "negative class id": (["--class", "-1"], ["negative"]),
+    "class id beyond int64": (["--class", "9" * 23], ["class id 99999999999999999999999 is beyond the range"]),
+    "class id beyond int()": (["--class", "9" * 5000], ["class id 99999999999999999999... is beyond the range"]),
     "zero steps": (["--steps", "0"], ["--steps", "positive"]),
     "negative steps": (["--steps", "-3"], ["--steps", "-3"]),
     "zero steps in a cell": (["--steps", "3,0,2,1"], ["--steps", "positive"]),

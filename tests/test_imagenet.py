@@ -305,3 +305,40 @@ def test_class_name_range(bad):
 def test_class_name_rejects_non_ids(bad):
     with pytest.raises(TypeError):
         class_name(bad)
+
+
+# ---- labels beyond int64, or beyond what Python will print ----
+
+@pytest.mark.parametrize("label, shown", [
+    (10**30, "1000000000000000000000000000000"),
+    (np.uint64(2**64 - 1), "18446744073709551615"),
+    ("99999999999999999999999", "'99999999999999999999999'"),
+    ("9" * 5000, "'" + "9" * 39 + "..."),                         # int() of it is refused by Python
+    ("-" + "9" * 5000, "'-" + "9" * 38 + "..."),
+    (10**5000, "<an integer of 16610 bits>"),                     # repr() of it is refused by Python
+], ids=["1e30", "uint64 max", "23 digits", "5000 digits", "-5000 digits", "int 1e5000"])
+def test_labels_beyond_int64_are_out_of_range_and_named(label, shown):
+    from xar_infer import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError) as info:
+        resolve_class_labels([3, label])
+    assert str(info.value) == f"labels[1]: class id {shown} is out of range: valid ids are 0 to 999"
+
+
+def test_a_uint64_array_beyond_int64_is_named():
+    from xar_infer import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=r"labels\[0\]: class id 18446744073709551615 is out of range"):
+        resolve_class_labels(np.array([2**64 - 1, 1], dtype=np.uint64))
+
+
+def test_long_digit_strings_with_leading_zeros_are_still_ids():
+    assert resolve_class_label("0" * 50 + "7") == 7
+
+
+def test_huge_names_are_shortened_in_messages():
+    from xar_infer import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError) as info:
+        resolve_class_label("x" * 10_000)
+    assert len(str(info.value)) < 300

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import zipfile
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -135,6 +143,62 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, tiny_mo
     assert marker.exists()
 
 
+class CallsGlobal:
+    """Unpickling this calls ``function(*args)``: what a malicious checkpoint does."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("function, args, named", [
+    (os.getcwd, (), "getcwd"),  # posix.getcwd here, nt.getcwd on Windows
+    (builtins.exec, ("import os",), "exec"),
+])
+def test_a_pickle_refusal_names_the_global_and_never_advises_full_unpickling(tmp_path, tiny_model, function, args, named):
+    from xar_infer import load_vae
+
+    path = _save(tmp_path, {**released_state_dict(tiny_model), "payload": CallsGlobal(function, *args)})
+    for load in (load_local, load_vae):
+        with pytest.raises(CheckpointError) as info:
+            load(path)
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message, message
+        assert f"would call {named}" in message or re.search(rf"would call \w+\.{named}\)", message), message
+        assert "only plain state dicts" in message, message
+        # torch's own message advises weights_only=False (running the pickle) and add_safe_globals
+        assert "weights_only" not in message and "safe_globals" not in message, message
+
+
+def test_compressed_records_are_refused_before_they_expand(tmp_path, tiny_checkpoint):
+    deflated = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(tiny_checkpoint) as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in source.infolist():
+            out.writestr(info.filename, source.read(info.filename))
+    assert deflated.stat().st_size < tiny_checkpoint.stat().st_size  # the records really are compressed
+    torch.load(deflated, weights_only=True)  # which torch itself would expand
+    with pytest.raises(CheckpointError, match=f"{deflated} has compressed records"):
+        load_local(deflated)
+
+
+def test_views_larger_than_the_stored_bytes_are_refused(tmp_path, tiny_model):
+    """A stride-0 view of one stored float reads as 400 MB; nothing may be built from it."""
+    path = _save(tmp_path, {**released_state_dict(tiny_model), "fake": torch.zeros(1).expand(10**8)})
+    assert path.stat().st_size < 10**6
+    with pytest.raises(CheckpointError, match=r"its tensors view 40\d{7} bytes but the file stores \d{6};"):
+        load_local(path)
+
+
+def test_one_tensor_under_two_weight_names_is_refused(tmp_path, tiny_model):
+    """Cast or moved, each name would get its own copy: a file could multiply itself that way."""
+    state = released_state_dict(tiny_model)  # its RoPE tables are shared, which is fine: they are not loaded
+    state["decoder_blocks.0.attn.proj.weight"] = state["encoder_blocks.0.attn.proj.weight"]
+    with pytest.raises(CheckpointError, match="decoder_blocks.0.attn.proj.weight and encoder_blocks.0.attn.proj.weight are the same data"):
+        load_local(_save(tmp_path, state), dtype=torch.bfloat16)
+
+
 def test_sha256_is_checked_before_loading(tmp_path, tiny_checkpoint):
     import hashlib
 
@@ -204,6 +268,128 @@ def _fake_hub_cache(root: Path, repo_id: str, files: dict[str, bytes], commit: s
 def _run_offline(code: str, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(SRC)}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _run_with_hub(code: str, cache: Path, endpoint: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``code`` in a child whose Hub is ``endpoint`` (not offline mode); and its wall time."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), PYTHONPATH=str(SRC), HF_HUB_DISABLE_TELEMETRY="1")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    return result, time.perf_counter() - start
+
+
+@contextmanager
+def _closed_port():
+    """An endpoint that refuses connections at once: a port bound but not listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@contextmanager
+def _fake_hub(files: dict[str, bytes], status: int = 200):
+    """A local server answering like the Hub's ``resolve`` URLs: ``files`` maps ``repo/resolve/main/name``."""
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, body: bool):
+            requests.append((self.command, self.path))
+            data = files.get(self.path.lstrip("/"))
+            code = status if data is not None or status != 200 else 404
+            self.send_response(code)
+            if code == 404:
+                self.send_header("X-Error-Code", "EntryNotFound")  # how the Hub tells a missing file
+            if code == 200:
+                self.send_header("X-Repo-Commit", "a" * 40)
+                self.send_header("ETag", f'"{hash(data) & 0xffffffff:x}"')
+            self.send_header("Content-Length", str(len(data) if code == 200 else 0))
+            self.end_headers()
+            if body and code == 200:
+                self.wfile.write(data)
+
+        def do_HEAD(self):
+            self._answer(False)
+
+        def do_GET(self):
+            self._answer(True)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+LOAD_XAR_B = """
+    from xar_infer import XARPipeline
+    print(XARPipeline.from_pretrained("xar-b").transformer.config.dim)
+"""
+GENERATE_XAR_B = """
+    import sys
+    from xar_infer.cli import generate_main
+    sys.exit(generate_main(["--model", "xar-b", "--latents-only", "--output", "unused"]))
+"""
+# huggingface_hub alone sleeps 1+2+4+8+8 = 23 s between its retries before it gives up; starting
+# Python and torch in the child takes 3-8 s on our loaded 2-core machine. Under 20 s therefore means
+# no retry ran, with room left for a slow CI machine.
+NO_RETRY_SECONDS = 20
+
+
+def test_an_unreachable_hub_fails_in_one_line_without_retries(tmp_path):
+    (tmp_path / "cache").mkdir()
+    with _closed_port() as endpoint:
+        result, seconds = _run_with_hub(GENERATE_XAR_B, tmp_path / "cache", endpoint)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "xAR-B.pth of OliverRen/xAR is not in the Hugging Face cache" in lines[0], lines[0]
+    assert "the Hub cannot be reached" in lines[0] and "--checkpoint" in lines[0], lines[0]
+    assert seconds < NO_RETRY_SECONDS, seconds
+
+
+def test_an_unreachable_hub_still_serves_the_cache(tmp_path, tiny_checkpoint):
+    cache = _fake_hub_cache(tmp_path / "hub", "OliverRen/xAR", {"xAR-B.pth": tiny_checkpoint.read_bytes()})
+    with _closed_port() as endpoint:
+        result, seconds = _run_with_hub(LOAD_XAR_B, cache, endpoint)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.strip() == str(TINY_CONFIG.dim)
+    assert seconds < NO_RETRY_SECONDS, seconds
+
+
+def test_a_reachable_hub_downloads_once_probed(tmp_path, tiny_checkpoint):
+    files = {"OliverRen/xAR/resolve/main/xAR-B.pth": tiny_checkpoint.read_bytes()}
+    with _fake_hub(files) as (endpoint, requests):
+        result, _ = _run_with_hub(LOAD_XAR_B, tmp_path / "cache", endpoint)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(TINY_CONFIG.dim)
+    assert ("GET", "/OliverRen/xAR/resolve/main/xAR-B.pth") in requests
+
+
+def test_a_hub_server_error_fails_in_one_line_without_retries(tmp_path, tiny_checkpoint):
+    (tmp_path / "cache").mkdir()
+    files = {"OliverRen/xAR/resolve/main/xAR-B.pth": tiny_checkpoint.read_bytes()}
+    with _fake_hub(files, status=503) as (endpoint, requests):
+        result, seconds = _run_with_hub(GENERATE_XAR_B, tmp_path / "cache", endpoint)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "the Hub cannot be reached: HTTP 503" in lines[0], lines[0]
+    assert [r for r in requests if "xAR-B.pth" in r[1]] == [("HEAD", "/OliverRen/xAR/resolve/main/xAR-B.pth")]
+    assert seconds < NO_RETRY_SECONDS, seconds
+
+
+def test_a_file_missing_on_the_hub_is_named(tmp_path):
+    with _fake_hub({}) as (endpoint, _):
+        result, _ = _run_with_hub(GENERATE_XAR_B, tmp_path / "cache", endpoint)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "cannot fetch xAR-B.pth from Hub repo OliverRen/xAR at revision main" in lines[0], lines[0]
 
 
 def test_preset_loads_from_the_hub_cache_offline(tmp_path, tiny_checkpoint):

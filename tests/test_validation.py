@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xar_infer import XARPipeline
+from xar_infer import InvalidArgumentError, XARPipeline
 from xar_infer.cli import generate_main
 from xar_infer.pipeline import NumericalError
 
@@ -60,6 +61,26 @@ def test_class_ids_out_of_range(pipe, label):
 def test_bad_guidance_intervals(pipe, interval):
     with pytest.raises(ValueError, match="guidance_interval must be"):
         _call(pipe, guidance_interval=interval)
+
+
+@pytest.mark.parametrize("generator, named", [
+    (0, "generator must be a torch.Generator, a list of one per image, or None; got int 0"),
+    ("seed", "generator must be a torch.Generator, .* got str 'seed'"),
+    (np.random.default_rng(0), "generator must be a torch.Generator, .* got Generator"),
+    ([torch.Generator(), 7], r"generator\[1\] is a int, not a torch.Generator"),
+    ([torch.Generator()] * 3, "generator: got 3 generators for 2 images"),
+    ([], "generator: got 0 generators for 2 images"),
+])
+def test_bad_generators_are_named(pipe, generator, named):
+    with pytest.raises(InvalidArgumentError, match=named):
+        pipe([1, 2], output_type="latent", num_inference_steps=1, generator=generator)
+
+
+def test_generators_are_checked_before_the_progress_bar_starts(capsys):
+    pipe = XARPipeline(random_transformer())  # progress bar on
+    with pytest.raises(InvalidArgumentError, match="generator"):
+        pipe([1], output_type="latent", num_inference_steps=1, generator=0)
+    assert capsys.readouterr().err == ""
 
 
 CLI_BAD = st.one_of(

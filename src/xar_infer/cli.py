@@ -364,6 +364,9 @@ def resolve_classes(values: Sequence[str], num_classes: int | None) -> list[int]
     for value in values:
         if not _INT.fullmatch(value):
             ids.append(resolve_class_label(value, IMAGENET_NUM_CLASSES))
+        elif len(value.strip().lstrip("+-").lstrip("0")) > 19 or int(value) >= 2**63:  # int() refuses 4300+ digits
+            shown = value.strip() if len(value.strip()) <= 24 else value.strip()[:20] + "..."
+            raise InvalidArgumentError(f"class id {shown} is beyond the range of any model's class ids")
         elif int(value) < 0:
             raise InvalidArgumentError(f"class id {value!r} is negative; class ids start at 0")
         else:

@@ -52,6 +52,11 @@ _DATA_FILE = "imagenet_synset_words.txt"
 _INT_STRING = re.compile(r"[+-]?[0-9]+")
 # Longest synonym text shown for one class in an error message before it is cut short.
 _DESCRIPTION_WIDTH = 60
+# A digit string longer than this is no class id of any model (and no int64).
+_MAX_ID_DIGITS = 19
+# Class ids in error messages: integers of more bits, and texts longer, are abbreviated.
+_MAX_SHOWN_BITS = 128
+_MAX_SHOWN_CHARS = 40
 _MAX_SUGGESTIONS = 5
 
 
@@ -128,9 +133,18 @@ def _check_num_classes(num_classes: Any) -> int:
 def _check_range(index: int, num_classes: int, shown: object) -> int:
     if not 0 <= index < num_classes:
         raise InvalidArgumentError(
-            f"class id {shown!r} is out of range: valid ids are 0 to {num_classes - 1}"
+            f"class id {_abbreviate(shown)} is out of range: valid ids are 0 to {num_classes - 1}"
         )
     return index
+
+
+def _abbreviate(value: object) -> str:
+    """``repr(value)``, shortened for numbers far beyond any class id (Python refuses to print
+    integers of more than 4300 digits at all)."""
+    if isinstance(value, int) and value.bit_length() > _MAX_SHOWN_BITS:
+        return f"<an integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN_CHARS else text[:_MAX_SHOWN_CHARS] + "..."
 
 
 def _unwrap_scalar(label: Any) -> Any:
@@ -171,7 +185,7 @@ def _resolve_name(name: str) -> int:
     suggestions = _suggestions(key)
     hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
     raise InvalidArgumentError(
-        f"unknown ImageNet class name {name!r}.{hint} "
+        f"unknown ImageNet class name {_abbreviate(name)}.{hint} "
         f"Pass an integer class id (0 to {IMAGENET_NUM_CLASSES - 1}) instead."
     )
 
@@ -204,6 +218,8 @@ def resolve_class_label(label: int | str, num_classes: int = 1000) -> int:
     if isinstance(label, str):
         text = label.strip()
         if _INT_STRING.fullmatch(text):
+            if len(text.lstrip("+-").lstrip("0")) > _MAX_ID_DIGITS:  # out of any range; int() of it may be refused
+                return _check_range(-1 if text.startswith("-") else num_classes, num_classes, label)
             return _check_range(int(text), num_classes, label)
         if not text:
             raise InvalidArgumentError(
@@ -211,7 +227,7 @@ def resolve_class_label(label: int | str, num_classes: int = 1000) -> int:
             )
         if num_classes != IMAGENET_NUM_CLASSES:
             raise InvalidArgumentError(
-                f"class name {label!r} given, but class names are only available for "
+                f"class name {_abbreviate(label)} given, but class names are only available for "
                 f"ImageNet-1k models (1000 classes) and this model has {num_classes}; "
                 f"pass an integer class id (0 to {num_classes - 1}) instead"
             )
@@ -220,7 +236,7 @@ def resolve_class_label(label: int | str, num_classes: int = 1000) -> int:
         index = operator.index(label)
     except TypeError:
         raise InvalidArgumentTypeError(
-            f"class label must be an int id or a class name, got {type(label).__name__} {label!r}"
+            f"class label must be an int id or a class name, got {type(label).__name__} {_abbreviate(label)}"
         ) from None
     return _check_range(index, num_classes, label)
 
@@ -242,7 +258,7 @@ def class_name(class_id: int) -> str:
         index = operator.index(class_id)
     except TypeError:
         raise InvalidArgumentTypeError(
-            f"class id must be an int, got {type(class_id).__name__} {class_id!r}; "
+            f"class id must be an int, got {type(class_id).__name__} {_abbreviate(class_id)}; "
             "use resolve_class_label to turn a name or digit string into an id"
         ) from None
     return IMAGENET_CLASSES[_check_range(index, IMAGENET_NUM_CLASSES, class_id)]

@@ -9,6 +9,7 @@ Our format is a directory with ``model.safetensors`` (parameters only) and ``con
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from importlib.resources import files
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -25,19 +27,21 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import CheckpointError
-from .checkpoint_io import load_strict, read_state_dict, verify_sha256, write_safetensors
+from .errors import CheckpointError, InvalidArgumentError
+from .checkpoint_io import error_summary, load_strict, read_state_dict, verify_sha256, write_safetensors
 from .config import (
     FALLBACK_GUIDANCE_SCALE,
     FALLBACK_NUM_INFERENCE_STEPS,
     PRESETS,
     XARConfig,
+    check_config_matches,
     find_preset,
     infer_config,
     preset_for_config,
 )
 from .model import XARTransformer, block_causal_mask, rope_frequencies, rope_tables
 from .output_files import write_file, write_file_by_path
+from .sampling import cell_step_counts
 
 WEIGHTS_NAME = "model.safetensors"
 # A missing path with one of these endings is a mistyped file, not a Hub repo id.
@@ -111,13 +115,20 @@ def _split_buffers(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 def build_model(state_dict: dict[str, torch.Tensor], source: str, config: XARConfig | None = None, *,
                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> XARTransformer:
-    """An inference-only :class:`XARTransformer` from a state dict (released or ours), strictly checked."""
-    params, buffers = _split_buffers(state_dict)
-    if config is None:
-        try:
+    """An inference-only :class:`XARTransformer` from a state dict (released or ours), strictly checked.
+
+    The config (given, or read off the shapes) is checked against the tensors before anything is
+    built from it, so a hostile config or key cannot make us allocate more than the file holds.
+    """
+    inferred = config is None
+    try:
+        if inferred:
             config = infer_config(state_dict)
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{source}: {exc.args[0]}; is this an xAR checkpoint?") from exc
+        check_config_matches(config, state_dict)
+    except CheckpointError as exc:
+        hint = "is this an xAR checkpoint?" if inferred else f"does the {CONFIG_NAME} belong to these weights?"
+        raise CheckpointError(f"{source}: {exc}; {hint}") from None
+    params, buffers = _split_buffers(state_dict)
     if buffers:
         check_released_buffers(buffers, config, source)
     with torch.device("meta"):
@@ -134,13 +145,22 @@ def _defaults_for(config: XARConfig) -> tuple[int, float]:
     return preset.num_inference_steps, preset.guidance_scale
 
 
-def _read_config_json(path: Path) -> tuple[XARConfig, int | None, float | None]:
+def _read_config_json(path: Path) -> tuple[XARConfig, int | list[int] | None, float | None]:
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "xar_config" not in data:
+            raise InvalidArgumentError("it has no 'xar_config' object")
         config = XARConfig.from_dict(data["xar_config"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path} is not a valid xar_infer config ({exc}); re-run xar-convert") from exc
-    return config, data.get("num_inference_steps"), data.get("guidance_scale")
+        steps, scale = data.get("num_inference_steps"), data.get("guidance_scale")
+        if steps is not None:
+            cell_step_counts(steps, config.num_cells)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale) or scale < 1):
+            raise InvalidArgumentError(f"guidance_scale must be a finite number >= 1, got {scale!r}")
+    # RecursionError: JSON nested too deeply to parse.
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not a valid xar_infer config ({error_summary(exc)}); re-run xar-convert") from None
+    return config, steps, scale
 
 
 def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
@@ -163,27 +183,60 @@ def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         verify_sha256(weights, sha256)
     model = build_model(read_state_dict(weights), str(weights), config, dtype=dtype, device=device)
     default_steps, default_scale = _defaults_for(model.config)
-    return LoadedModel(model, steps or default_steps, scale or default_scale, str(weights))
+    return LoadedModel(model, default_steps if steps is None else steps,
+                       default_scale if scale is None else scale, str(weights))
 
 
 def hub_download(repo_id: str, filename: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                  local_files_only: bool = False) -> Path:
-    """Path of ``filename`` from a Hugging Face repo, downloaded or from the local cache."""
+    """Path of ``filename`` from a Hugging Face repo, downloaded or from the local cache.
+
+    One metadata request first (huggingface_hub's own, without retries, its ``HF_HUB_ETAG_TIMEOUT``)
+    tells whether the Hub answers. If it does not, the cached copy is used, or one
+    :class:`CheckpointError` says what to do: huggingface_hub alone would retry with backoff, about
+    25 s and a dozen log lines when there is no network.
+    """
+    unreachable = None if local_files_only else _hub_unreachable(repo_id, filename, revision)
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                    local_files_only=local_files_only))
-    except LocalEntryNotFoundError as exc:
+                                    local_files_only=local_files_only or unreachable is not None))
+    except LocalEntryNotFoundError:
+        why = "local_files_only is set" if unreachable is None else f"the Hub cannot be reached: {unreachable}"
         raise CheckpointError(
-            f"{filename} of {repo_id} is not in the Hugging Face cache and cannot be downloaded (offline, "
-            f"local_files_only, or no connection). Download it where you are online (`hf download {repo_id} "
-            f"{filename}`), or pass the local file: XARPipeline.from_pretrained('/path/to/{filename}') or "
-            "xar-generate --checkpoint /path/to/file"
-        ) from exc
+            f"{filename} of {repo_id} is not in the Hugging Face cache and cannot be downloaded ({why}). "
+            f"Download it where you are online (`hf download {repo_id} {filename}`), or pass the local file: "
+            f"XARPipeline.from_pretrained('/path/to/{filename}') or xar-generate --checkpoint /path/to/file"
+            + ("" if unreachable is None else f"; on a slow connection raise HF_HUB_ETAG_TIMEOUT (now "
+               f"{hub_constants.HF_HUB_ETAG_TIMEOUT} s)")
+        ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
-        raise CheckpointError(f"cannot fetch {filename} from Hub repo {repo_id} at revision {revision or 'main'}: "
-                              f"{type(exc).__name__}; check the name and revision") from exc
+        raise _not_on_hub(repo_id, filename, revision, exc) from None
     except HfHubHTTPError as exc:
-        raise CheckpointError(f"downloading {filename} from {repo_id} failed: {exc}") from exc
+        raise CheckpointError(f"downloading {filename} from {repo_id} failed: {error_summary(exc)}") from None
+
+
+def _hub_unreachable(repo_id: str, filename: str, revision: str | None) -> str | None:
+    """Why the Hub gives no metadata for the file right now (no network, offline mode, a server error),
+    or None when it answers. An answer that the file does not exist raises."""
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=hub_constants.HF_HUB_ETAG_TIMEOUT)
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+        raise _not_on_hub(repo_id, filename, revision, exc) from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status is not None and (status >= 500 or status in (408, 429)):  # what huggingface_hub would retry
+            return f"HTTP {status}"
+        raise CheckpointError(f"downloading {filename} from {repo_id} failed: {error_summary(exc)}") from None
+    # The HTTP client's own errors (requests, httpx or httpx2, by huggingface_hub version) and its
+    # OfflineModeIsEnabled: no route, refused, timed out, HF_HUB_OFFLINE set.
+    except Exception as exc:
+        return f"{type(exc).__name__}: {error_summary(exc)}"
+    return None
+
+
+def _not_on_hub(repo_id: str, filename: str, revision: str | None, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot fetch {filename} from Hub repo {repo_id} at revision {revision or 'main'}: "
+                           f"{type(exc).__name__}; check the name and revision")
 
 
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,

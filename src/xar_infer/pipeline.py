@@ -217,10 +217,11 @@ class XARPipeline:
         if self.device.type == "cpu" and self.dtype == torch.float16:
             warnings.warn(CPU_FLOAT16_ADVICE, stacklevel=2)
 
+        noise = NoiseSource(generator, len(labels), self.device)  # checks the generators before the progress bar shows
         total = sum(evaluations_per_cell(sampler, n) for n in cell_step_counts(steps, config.num_cells))
         with tqdm(**{"total": total, "unit": "eval", **self._progress_bar_config}) as progress:
             latent = generate_tokens(
-                self.transformer, labels, steps, scale, NoiseSource(generator, len(labels), self.device),
+                self.transformer, labels, steps, scale, noise,
                 sampler=sampler, guidance_schedule=guidance_schedule, on_evaluation=lambda: progress.update(1),
                 backend=backend, guidance_interval=None if guidance_interval is None else tuple(guidance_interval),
                 cuda_graphs=self._cuda_graphs,

@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .checkpoint_io import error_summary
 from .errors import InvalidArgumentError, ResourceError, SampleSetError
 from .memory import format_bytes
 from .output_files import is_temporary, require_parent_folder, write_file
@@ -82,10 +83,13 @@ def read_labels_file(path: str | os.PathLike, num_classes: int) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"labels file not found: {path}")
     try:
-        labels = np.load(path, allow_pickle=False) if path.suffix == ".npy" else \
+        # mmap_mode: a header promising more data than the file holds fails here instead of being allocated.
+        labels = np.load(path, allow_pickle=False, mmap_mode="r") if path.suffix == ".npy" else \
             np.array(path.read_text().replace(",", " ").split(), dtype=np.int64)
-    except ValueError as exc:
-        raise InvalidArgumentError(f"{path}: expected integer class ids ({exc})") from None
+    except OverflowError:
+        raise InvalidArgumentError(f"{path}: a class id is beyond the int64 range; ids must be in [0, {num_classes})") from None
+    except (ValueError, EOFError) as exc:  # first sentence only: numpy goes on to suggest allow_pickle
+        raise InvalidArgumentError(f"{path}: expected integer class ids, or the file is truncated ({error_summary(exc)})") from None
     labels = np.asarray(labels).reshape(-1)
     if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
         raise InvalidArgumentError(f"{path}: expected a non-empty list of integer class ids")

@@ -42,7 +42,16 @@ class NoiseSource:
     def __init__(self, generator: torch.Generator | Sequence[torch.Generator] | None, batch_size: int, device: torch.device):
         if isinstance(generator, (list, tuple)):
             if len(generator) != batch_size:
-                raise InvalidArgumentError(f"got {len(generator)} generators for {batch_size} images; pass one per image or a single one")
+                raise InvalidArgumentError(f"generator: got {len(generator)} generators for {batch_size} images; pass one "
+                                           "per image or a single one")
+            bad = next((i for i, g in enumerate(generator) if not isinstance(g, torch.Generator)), None)
+            if bad is not None:
+                raise InvalidArgumentError(f"generator[{bad}] is a {type(generator[bad]).__name__}, not a torch.Generator; "
+                                           "e.g. torch.Generator().manual_seed(seed)")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise InvalidArgumentError(f"generator must be a torch.Generator, a list of one per image, or None; got "
+                                       f"{type(generator).__name__} {generator!r:.40}: for a seed, pass "
+                                       "torch.Generator().manual_seed(seed)")
         self.generator = generator
         self.batch_size = batch_size
         self.device = device

@@ -7,20 +7,20 @@ load without renaming.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint_io import load_strict, read_state_dict
+from .checkpoint_io import key_indices, leading_run, load_strict, read_state_dict
 from .errors import CheckpointError, InvalidArgumentError
 from .vae_tiling import DEFAULT_TILE_OVERLAP, decode_tiled
 
 # Keys the released checkpoint carries that decoding never uses: the encoder side of the autoencoder
 # and, in training snapshots, the loss networks (discriminator / LPIPS).
 IGNORED_PREFIXES = ("encoder.", "quant_conv.", "loss.")
+GROUP_NORM_GROUPS = 32
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,18 @@ class VAEConfig:
     num_res_blocks: int = 2
     out_channels: int = 3
 
+    def __post_init__(self):
+        for name in ("embed_dim", "ch", "num_res_blocks", "out_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_res_blocks" else 1):
+                raise InvalidArgumentError(f"VAEConfig.{name} must be a {'non-negative' if name == 'num_res_blocks' else 'positive'} "
+                                           f"int, got {value!r}")
+        if self.ch % GROUP_NORM_GROUPS:
+            raise InvalidArgumentError(f"VAEConfig.ch must be a multiple of {GROUP_NORM_GROUPS} (the group norm's groups), got {self.ch}")
+        if not isinstance(self.ch_mult, tuple) or not self.ch_mult or \
+                any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.ch_mult):
+            raise InvalidArgumentError(f"VAEConfig.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult!r}")
+
     @property
     def stride(self) -> int:
         """Image pixels per latent cell along each side."""
@@ -40,7 +52,7 @@ class VAEConfig:
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+    return nn.GroupNorm(GROUP_NORM_GROUPS, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
@@ -168,38 +180,57 @@ class AutoencoderKLDecoder(nn.Module):
     forward = decode
 
 
-def _need(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+def _need(sd: dict[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
     if key not in sd:
         raise CheckpointError(f"not a KL VAE decoder checkpoint: key {key!r} is missing")
-    return sd[key]
+    shape = tuple(sd[key].shape)
+    if len(shape) != ndim:
+        raise CheckpointError(f"not a KL VAE decoder checkpoint: {key} has shape {shape}, expected {ndim} dimensions")
+    return shape
+
+
+def _contiguous(found: dict[str, int | None], what: str) -> int:
+    """How many indices run 0, 1, ...; raises naming a key outside that run (a gap or a stray index)."""
+    count = leading_run(found.values())
+    stray = sorted(k for k, i in found.items() if i is None or i >= count)
+    if stray:
+        raise CheckpointError(f"not a KL VAE decoder checkpoint: unexpected tensor {stray[0]} ({what} must be numbered "
+                              f"0 to {count - 1} without gaps)")
+    return count
 
 
 def infer_vae_config(state_dict: dict[str, torch.Tensor]) -> VAEConfig:
     """Read the decoder's shape from tensor shapes (keys as in ``kl16.ckpt``, without a ``model.`` prefix).
 
+    Level and block indices must run 0, 1, ... without gaps, the same blocks in every level, so the
+    config can describe no more modules than the file has tensors for.
+
     Example::
 
         cfg = infer_vae_config(vae.state_dict())   # VAEConfig(embed_dim=16, ch=128, ch_mult=(1, 1, 2, 2, 4), ...)
     """
-    out_channels, ch = _need(state_dict, "decoder.conv_out.weight").shape[:2]
-    embed_dim = _need(state_dict, "post_quant_conv.weight").shape[0]
-    levels = {int(m.group(1)) for k in state_dict if (m := re.match(r"decoder\.up\.(\d+)\.", k))}
-    if not levels or levels != set(range(len(levels))):
-        raise CheckpointError(f"not a KL VAE decoder checkpoint: decoder.up levels are {sorted(levels)}")
+    out_channels, ch = _need(state_dict, "decoder.conv_out.weight", 4)[:2]
+    embed_dim = _need(state_dict, "post_quant_conv.weight", 4)[0]
+    num_levels = _contiguous(key_indices(state_dict, "decoder.up."), "decoder.up levels")
+    if num_levels == 0:
+        raise CheckpointError("not a KL VAE decoder checkpoint: it has no decoder.up levels")
+    num_blocks = None
     ch_mult = []
-    for i in range(len(levels)):
-        width = _need(state_dict, f"decoder.up.{i}.block.0.conv2.weight").shape[0]
-        if width % ch:
-            raise CheckpointError(f"decoder.up.{i} has {width} channels, not a multiple of ch={ch}")
+    for i in range(num_levels):
+        blocks = _contiguous(key_indices(state_dict, f"decoder.up.{i}.block."), f"decoder.up.{i}.block entries")
+        if blocks == 0 or blocks != (num_blocks or blocks):
+            raise CheckpointError(f"not a KL VAE decoder checkpoint: decoder.up.{i} has {blocks} blocks"
+                                  + (f", decoder.up.0 has {num_blocks}" if i else "") + "; every level needs the same number, at least 1")
+        num_blocks = blocks
+        width = _need(state_dict, f"decoder.up.{i}.block.0.conv2.weight", 4)[0]
+        if ch < 1 or width % ch or width == 0:
+            raise CheckpointError(f"decoder.up.{i} has {width} channels, not a positive multiple of ch={ch}")
         ch_mult.append(width // ch)
-    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"decoder\.up\.0\.block\.(\d+)\.", k))}
-    return VAEConfig(
-        embed_dim=int(embed_dim),
-        ch=int(ch),
-        ch_mult=tuple(ch_mult),
-        num_res_blocks=len(blocks) - 1,
-        out_channels=int(out_channels),
-    )
+    try:
+        return VAEConfig(embed_dim=embed_dim, ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_blocks - 1,
+                         out_channels=out_channels)
+    except InvalidArgumentError as exc:
+        raise CheckpointError(f"not a KL VAE decoder checkpoint: its shapes give an invalid config: {exc}") from None
 
 
 def load_vae(
