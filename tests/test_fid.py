@@ -17,6 +17,8 @@ from xar_infer.cli import generate_main
 from xar_infer.fid import SampleSet, fid_labels, pending_batches, read_labels_file
 from xar_infer.pipeline import XARPipeline, to_uint8
 
+from cpu_threads import one_torch_thread, subprocess_env  # noqa: F401  (autouse: this module runs on one thread)
+
 RUN_CLI = "import sys; from xar_infer.cli import generate_main; sys.exit(generate_main(sys.argv[1:]))"
 
 
@@ -121,7 +123,7 @@ def test_a_killed_run_resumes_to_the_same_file(tiny_checkpoint, tiny_vae_checkpo
 
     npz = tmp_path / "resumed.npz"
     argv = [sys.executable, "-c", RUN_CLI, *_job(tiny_checkpoint, tiny_vae_checkpoint, npz, labels_file, "--batch-size", 1)]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = subprocess_env(TRITON_INTERPRET="1")  # one thread, like the reference above: the same bits
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     parts = tmp_path / "resumed.npz.parts"
     deadline = time.time() + 120

@@ -24,6 +24,8 @@ from xar_infer.model import gelu_mul as gelu_mul_ref  # noqa: E402
 from xar_infer.model import rms_norm_modulate as rms_norm_modulate_ref  # noqa: E402
 from xar_infer.sampling import flow_step as torch_flow_step  # noqa: E402
 
+from cpu_threads import one_torch_thread  # noqa: E402, F401  (autouse: this module runs on one thread)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 T = 64  # tokens per cell of the released models (8 x 8)

@@ -14,6 +14,7 @@ from xar_infer.sampling import (
 )
 
 from conftest import random_transformer
+from cpu_threads import one_torch_thread  # noqa: F401  (autouse: this module runs on one thread)
 
 
 @pytest.fixture(scope="module")
