@@ -62,7 +62,9 @@ def _truth(q, k, v, cos, sin, cache, batch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [16, 64, 80])
-@pytest.mark.parametrize("cache_len", [0, 64, 128, 192])
+# No cache (the loop over finished cells is skipped), and three cells: several key tiles of every
+# launch configuration, the last one partial where tiles are 128 long. 64 or 128 add no other path.
+@pytest.mark.parametrize("cache_len", [0, 192])
 @pytest.mark.parametrize("step", ["first", "later"])
 @pytest.mark.parametrize("route", ["fused, few programs", "fused, many programs", "sdpa"])
 def test_attention_matches_reference(dtype, head_dim, cache_len, step, route):
