@@ -16,6 +16,7 @@ from xar_infer.backends import SDPA_MIN_BATCH_HEADS, TORCH, onednn_linear, resol
 from xar_infer.cli import generate_main
 
 from conftest import TRITON_DEVICE
+from cpu_threads import one_torch_thread  # noqa: F401  (autouse: this module runs on one thread)
 
 
 def test_auto_is_torch_without_cuda():

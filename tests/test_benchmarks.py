@@ -15,6 +15,7 @@ from xar_infer.config import XARConfig
 from xar_infer.sampling import NoiseSource, generate_tokens
 
 from conftest import random_transformer
+from cpu_threads import one_torch_thread, subprocess_env  # noqa: F401  (autouse: this module runs on one thread)
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -50,19 +51,22 @@ def test_released_flop_formula_equals_the_counted_flops(monkeypatch, steps):
 
 
 def test_dit_flop_formula_equals_the_counted_flops():
+    """The counter needs shapes only: DiT-XL/2 and its inputs on the meta device, nothing computed."""
     pytest.importorskip("diffusers", reason="benchmark extra: pip install -e '.[bench]'")
-    from contenders import build_on, dit_backbone
+    from contenders import dit_backbone
 
-    dit = build_on("cpu", torch.float32, dit_backbone)
-    counted = counted_flops(lambda: dit(torch.zeros(1, 4, 32, 32), timestep=torch.tensor([5]),
-                                        class_labels=torch.tensor([3])))
+    with torch.device("meta"):
+        dit = dit_backbone().eval()
+        counted = counted_flops(lambda: dit(torch.zeros(1, 4, 32, 32), timestep=torch.tensor([5]),
+                                            class_labels=torch.tensor([3])))
     assert dit_xl2_flops_per_forward() == counted
 
 
 def test_quick_run_reports_every_contender(tmp_path):
     pytest.importorskip("diffusers", reason="benchmark extra: pip install -e '.[bench]'")
+    # Real-size models: both threads, which sleep rather than spin while they wait on a busy machine.
     subprocess.run([sys.executable, str(BENCHMARKS / "run.py"), "--quick", "--out-dir", str(tmp_path)],
-                   check=True, capture_output=True, timeout=900)
+                   check=True, capture_output=True, timeout=900, env=subprocess_env(threads=None))
     report = json.loads((tmp_path / "quick.json").read_text())
     assert [row["key"] for row in report["rows"]] == ["xar-b", "dit", "sit"]
     for row in report["rows"]:
@@ -122,7 +126,7 @@ def test_fused_contender_keeps_the_fused_attention_kernel(monkeypatch):
 def test_attention_microbenchmark_runs(tmp_path):
     """Smoke run of the attention microbenchmark (on CPU the kernel is interpreted: times mean nothing,
     but every contender runs on the real xAR-B shapes and their outputs agree)."""
-    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    env = subprocess_env(TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
     device = ["--device", "cpu", "--dtype", "fp32"] if not torch.cuda.is_available() else []
     subprocess.run([sys.executable, str(BENCHMARKS / "attention.py"), *device, "--models", "xar-b", "--batch-sizes", "1",
                     "--cache-lengths", "64", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "smoke"],
@@ -139,7 +143,7 @@ def test_vae_tiling_benchmark_runs(tmp_path):
     """Smoke run on tiny latents: both rows, positive figures, the gather/blend implementation named."""
     subprocess.run([sys.executable, str(BENCHMARKS / "vae_tiling.py"), "--device", "cpu", "--batch", "1", "--sizes", "4",
                     "--tiles", "none,2", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "smoke"],
-                   check=True, capture_output=True, timeout=300)
+                   check=True, capture_output=True, timeout=300, env=subprocess_env())
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert [r["tile"] for r in report["rows"]] == [None, 2]
     assert all(r["seconds"] > 0 and r["peak_memory_bytes"] > 0 for r in report["rows"])
@@ -179,7 +183,7 @@ def test_kernel_profile_runs_on_cpu(tmp_path):
     of a PyTorch-backend generation (matrix products, SDPA) are there."""
     subprocess.run([sys.executable, str(BENCHMARKS / "kernel_profile.py"), "--preset", "xar-digits", "--batch", "2", "--steps", "2",
                     "--backend", "torch", "--device", "cpu", "--out-dir", str(tmp_path), "--name", "smoke"],
-                   check=True, capture_output=True, timeout=600)
+                   check=True, capture_output=True, timeout=600, env=subprocess_env())
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert report["kernel_seconds"] > 0
     assert sum(report["by_category"].values()) == pytest.approx(report["kernel_seconds"])

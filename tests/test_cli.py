@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import random_transformer, released_state_dict, save_released
+from cpu_threads import one_torch_thread, subprocess_env  # noqa: F401  (autouse: this module runs on one thread)
 from xar_infer import cli
 from xar_infer.cli import convert_main, generate_main
 from xar_infer.config import XARConfig
@@ -555,13 +556,14 @@ def test_a_file_size_limit_leaves_no_truncated_image_behind(base, tmp_path):
     the image's name, and the rerun without the limit writes it (no 'already exists')."""
     out = tmp_path / "d"
     argv = [str(a) for a in base + ["--class", "3", "--output", out]]
-    limited = subprocess.run([sys.executable, "-c", WITH_FILE_SIZE_LIMIT, "200", *argv], capture_output=True, text=True)
+    limited = subprocess.run([sys.executable, "-c", WITH_FILE_SIZE_LIMIT, "200", *argv], env=subprocess_env(),
+                             capture_output=True, text=True)
     assert limited.returncode == 2
     assert limited.stderr.splitlines() == [
         f"xar-generate: error: file too large (a file-size limit, see ulimit -f, or the file system's) writing "
         f"{out / '00000_3_tiger_shark.png'}"]
     assert os.listdir(out) == []
-    assert subprocess.run([sys.executable, "-c", WITH_FILE_SIZE_LIMIT, "-1", *argv]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", WITH_FILE_SIZE_LIMIT, "-1", *argv], env=subprocess_env()).returncode == 0
     assert pixels(out / "00000_3_tiger_shark.png").shape == (32, 32, 3)
 
 

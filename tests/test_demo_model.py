@@ -22,6 +22,8 @@ from xar_infer import XARPipeline
 from xar_infer.config import PRESETS
 from xar_infer.loading import CONFIG_NAME
 
+from cpu_threads import one_torch_thread, subprocess_env  # noqa: F401  (autouse: this module runs on one thread)
+
 PER_DIGIT = 20
 
 
@@ -100,7 +102,7 @@ def test_training_script_is_reproducible_and_loadable(tmp_path):
     for run in range(2):
         out = tmp_path / f"run{run}"
         subprocess.run([sys.executable, str(script), "--steps", "3", "--batch-size", "16", "--out", str(out)],
-                       check=True, capture_output=True, timeout=300)
+                       check=True, capture_output=True, timeout=300, env=subprocess_env())
         outputs.append(out)
     assert (outputs[0] / "model.safetensors").read_bytes() == (outputs[1] / "model.safetensors").read_bytes()
     pipe = XARPipeline.from_pretrained(outputs[0])

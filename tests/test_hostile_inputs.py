@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import random_transformer, released_state_dict
+from cpu_threads import one_torch_thread  # noqa: F401  (autouse: this module runs on one thread)
 from xar_infer import CheckpointError, InvalidArgumentError, XARConfig, convert_checkpoint, load_vae
 from xar_infer.cli import convert_main, generate_main
 from xar_infer.config import check_config_matches, infer_config

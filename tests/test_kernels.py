@@ -24,6 +24,8 @@ from xar_infer.model import gelu_mul as gelu_mul_ref  # noqa: E402
 from xar_infer.model import rms_norm_modulate as rms_norm_modulate_ref  # noqa: E402
 from xar_infer.sampling import flow_step as torch_flow_step  # noqa: E402
 
+from cpu_threads import one_torch_thread  # noqa: E402, F401  (autouse: this module runs on one thread)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 T = 64  # tokens per cell of the released models (8 x 8)
@@ -60,7 +62,9 @@ def _truth(q, k, v, cos, sin, cache, batch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [16, 64, 80])
-@pytest.mark.parametrize("cache_len", [0, 64, 128, 192])
+# No cache (the loop over finished cells is skipped), and three cells: several key tiles of every
+# launch configuration, the last one partial where tiles are 128 long. 64 or 128 add no other path.
+@pytest.mark.parametrize("cache_len", [0, 192])
 @pytest.mark.parametrize("step", ["first", "later"])
 @pytest.mark.parametrize("route", ["fused, few programs", "fused, many programs", "sdpa"])
 def test_attention_matches_reference(dtype, head_dim, cache_len, step, route):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import random_transformer, save_released
+from cpu_threads import one_torch_thread, subprocess_env  # noqa: F401  (autouse: this module runs on one thread)
 from xar_infer.cli import generate_main
 from xar_infer.errors import ResourceError, SampleSetError
 from xar_infer.pipeline import XARPipeline, to_uint8
@@ -258,7 +259,8 @@ time.sleep(600)
 
 
 def test_one_job_per_target_and_a_killed_holder_never_blocks(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "s.npz")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "s.npz")], env=subprocess_env(),
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(SampleSetError, match=r"another run is writing this sample set \(it holds .*s\.npz\.parts\)"):
@@ -348,7 +350,7 @@ def test_a_run_killed_at_random_while_writing_shards_resumes_to_the_same_file(
     parts = tmp_path / "resumed.npz.parts"
     rng = np.random.default_rng(7)
     for shards_before_kill in (1, 2):  # of 3
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline and len(list(parts.glob("*.npy"))) < shards_before_kill and process.poll() is None:
             time.sleep(0.005)
@@ -411,7 +413,8 @@ except FileExistsError as exc:
 
 
 def _synthetic_set(moment: str, npz: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SYNTHETIC_SET, moment, str(npz)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", SYNTHETIC_SET, moment, str(npz)], env=subprocess_env(),
+                          capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -443,7 +446,8 @@ def test_two_runs_with_other_seeds_never_mix(tiny_checkpoint, tiny_vae_checkpoin
     npz = tmp_path / "s.npz"
     runs = [subprocess.Popen([sys.executable, "-c", RUN_CLI,
                               *_job(tiny_checkpoint, tiny_vae_checkpoint, npz, labels_file, "--batch-size", 5, "--seed", seed)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for seed in (0, 1)]
     outcomes = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
     codes = sorted(code for code, _ in outcomes)
     assert codes == [0, 2], outcomes
@@ -462,7 +466,7 @@ def test_resuming_with_other_weights_at_the_same_path_is_refused(tiny_vae_checkp
     checkpoint = save_released(random_transformer(seed=0), tmp_path / "model.pth")
     npz = tmp_path / "s.npz"
     job = [sys.executable, "-c", RUN_CLI, *_job(checkpoint, tiny_vae_checkpoint, npz, labels_file, "--batch-size", 1)]
-    process = subprocess.Popen(job, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(job, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "s.npz.parts"
     while len(list(parts.glob("*.npy"))) < 2 and process.poll() is None:
         time.sleep(0.01)
@@ -510,17 +514,12 @@ def test_two_processes_write_the_same_file_as_one(tiny_checkpoint, tiny_vae_chec
     """torchrun with 2 CPU processes (gloo): each takes every other batch, process 0 assembles. torchrun
     gives each process one thread; the one-process run uses one too (a CPU matmul's last bits can
     depend on the thread count, which moved 2 of 36,864 pixel values by one level here)."""
-    single = tmp_path / "single.npz"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert generate_main(_job(tiny_checkpoint, tiny_vae_checkpoint, single, labels_file, "--batch-size", 2)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    single = tmp_path / "single.npz"  # this module runs on one thread
+    assert generate_main(_job(tiny_checkpoint, tiny_vae_checkpoint, single, labels_file, "--batch-size", 2)) == 0
     script = tmp_path / "run.py"
     script.write_text(RUN_CLI.replace("; ", "\n"))
     double = tmp_path / "double.npz"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default, made explicit
+    env = subprocess_env(threads=1)  # torchrun's default, made explicit
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                            *_job(tiny_checkpoint, tiny_vae_checkpoint, double, labels_file, "--batch-size", 2)],
                           env=env, capture_output=True, text=True, timeout=600)

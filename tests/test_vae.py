@@ -220,15 +220,19 @@ def test_tiled_decode_of_the_full_kl16_architecture():
     latents. Measured PSNR for tile 8 / halo 2: 27.1 dB (16x16) and 29.9 dB (12x20), asserted just
     below; without a halo 18.1 / 21.4 dB. The remaining seams come from per-window GroupNorm
     statistics (of random weights), not from the blend."""
+    from cpu_threads import one_thread  # on a busy machine, two threads spin between the many small operators
+
     torch.manual_seed(0)
     vae = AutoencoderKLDecoder(VAEConfig()).eval()
     for shape, floor in (((1, 16, 16, 16), 26.8), ((1, 16, 12, 20), 29.6)):
         z = torch.randn(shape)
-        full = vae.decode(z)
-        tiled = vae.decode(z, tile_size=8, tile_overlap=2)
+        with one_thread():
+            full = vae.decode(z)
+            tiled = vae.decode(z, tile_size=8, tile_overlap=2)
+            no_halo = vae.decode(z, tile_size=8, tile_overlap=0)
         assert tiled.shape == full.shape == (1, 3, shape[2] * 16, shape[3] * 16)
         assert psnr(tiled, full) >= floor
-        assert psnr(vae.decode(z, tile_size=8, tile_overlap=0), full) < psnr(tiled, full)
+        assert psnr(no_halo, full) < psnr(tiled, full)
 
 
 def test_bad_tile_arguments(small_vae):
@@ -265,7 +269,11 @@ def test_the_cuda_extension_is_built_on_a_gpu_machine():
 
 def test_the_cuda_source_compiles(tmp_path):
     """Without a GPU, nvcc (when installed) still compiles csrc/vae_tiling.cu against this torch's headers
-    for Hopper, so that a GPU machine never meets a syntax or type error first."""
+    for Hopper, so that a GPU machine never meets a syntax or type error first. Device code only, to a
+    cubin for one architecture (sm_90): nvcc's front end still type-checks the host functions (a wrong
+    call in the launchers or in their AT_DISPATCH lambdas fails here), but the host half is not handed
+    to the host compiler, which would parse torch's headers twice more; that compiler builds the same
+    headers in the CPU extension at every install."""
     import shutil
     import subprocess
     import sysconfig
@@ -274,7 +282,7 @@ def test_the_cuda_source_compiles(tmp_path):
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        pytest.skip("nvcc is not installed")
+        pytest.skip("nvcc is not on PATH: the CUDA source is compiled only where the CUDA toolkit is installed")
     source = Path(__file__).resolve().parents[1] / "csrc" / "vae_tiling.cu"
     # A CPU build of torch ships the c10/cuda headers but not the one its CMake generates for CUDA
     # builds; that one only declares that c10_cuda is a shared library.
@@ -283,12 +291,13 @@ def test_the_cuda_source_compiles(tmp_path):
     generated.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     includes = [f"-I{path}" for path in (tmp_path / "include", *cpp_extension.include_paths(),
                                          sysconfig.get_paths()["include"])]
-    command = [nvcc, "-c", "-std=c++20", "-O3", "--fmad=false", "-arch=sm_90", *cpp_extension.COMMON_NVCC_FLAGS,
-               "-DTORCH_EXTENSION_NAME=_vae_tiling_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H", "-Xcompiler", "-fPIC",
-               *includes, str(source), "-o", str(tmp_path / "vae_tiling_cuda.o")]
+    cubin = tmp_path / "vae_tiling_cuda.cubin"
+    command = [nvcc, "--cubin", "-std=c++20", "--fmad=false", "-arch=sm_90", *cpp_extension.COMMON_NVCC_FLAGS,
+               "-DTORCH_EXTENSION_NAME=_vae_tiling_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H", *includes, str(source),
+               "-o", str(cubin)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (tmp_path / "vae_tiling_cuda.o").stat().st_size > 0
+    assert b"gather_kernel" in cubin.read_bytes() and b"blend_kernel" in cubin.read_bytes()
 
 
 def test_setup_chooses_the_extensions_this_torch_can_build():
