@@ -105,10 +105,9 @@ def test_cached_evaluation_equals_one_block_causal_pass(model64):
         assert cache.length == (config.num_cells - 1) * config.tokens_per_cell
 
 
-def test_every_per_call_linear_layer_goes_through_the_ops(model64):
-    """A backend replaces the linear layers through ``BlockOps.linear``: each block's five, the adaLN
-    modulation's and the decoder's input projection. Only the tiny token projections (z_proj: 16 -> dim,
-    pred: dim -> 16) stay plain layers."""
+def test_every_linear_layer_goes_through_the_ops(model64):
+    """A backend replaces the linear layers through ``BlockOps.linear``: all of them, so that it also
+    decides how every product's rows are computed (``backends.onednn_linear``)."""
     used = []
 
     def linear(x, layer):
@@ -119,9 +118,8 @@ def test_every_per_call_linear_layer_goes_through_the_ops(model64):
     with torch.no_grad():
         model64(_cells(model64.config, B)[0], labels, torch.full((B,), 0.5), model64.new_cache(B),
                 ops=dataclasses.replace(TORCH_OPS, linear=linear))
-    expected = [model64.decoder_embed] + [layer for block in model64.blocks for layer in
-                                          (block.attn.qkv, block.attn.proj, block.mlp.fc1_g, block.mlp.fc1_x,
-                                           block.mlp.fc2, block.ada_lin[1])]
+    expected = [m for m in model64.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(expected) == 6 * len(model64.blocks) + 5
     assert sorted(map(id, used)) == sorted(map(id, expected))
 
 

@@ -51,12 +51,22 @@ def onednn_linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     (``benchmarks/results/cpu-fp32-onednn-b1.md``). It is still fp32 arithmetic, summed in another order,
     so results differ from ``F.linear`` at rounding level, as two BLAS libraries do. Anything else (other
     dtypes and devices, autograd, or ``torch.backends.mkldnn.enabled = False``) goes to ``F.linear``.
+
+    A row's result does not depend on how many rows come with it, so that an image does not depend on
+    its batch (``tests/test_batch_invariance.py`` checks this; it is how oneDNN's kernels behave, not a
+    documented guarantee). From two rows on, oneDNN's matrix kernel computes every row alike; a lone
+    row, which it would give to a matrix-vector kernel that sums in another order, is computed as two.
+    MKL's ``F.linear`` has no such property: with few rows, the rows past a multiple of 4 take another
+    kernel.
     """
     weight = layer.weight
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not torch.backends.mkldnn.enabled or not _onednn_available()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, layer.bias)
+    if x.numel() == x.shape[-1]:  # a lone row: computed as two, see above
+        pair = x.reshape(1, -1).expand(2, -1)
+        return torch.ops.mkldnn._linear_pointwise(pair, weight, layer.bias, "none", [], "")[:1].view(*x.shape[:-1], -1)
     return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
 
 

@@ -151,9 +151,9 @@ AttentionFn = Callable[..., Tensor]
 
 @dataclass(frozen=True)
 class BlockOps:
-    """The ops of a network call that a backend may replace (``xar_infer.backends``): a block's, and the
-    linear layers of the blocks, their modulation and the decoder's input. These defaults are the
-    PyTorch references that define them."""
+    """The ops of a network call that a backend may replace (``xar_infer.backends``): a block's, and
+    every linear layer of the network (``linear``). These defaults are the PyTorch references that
+    define them."""
 
     attention: AttentionFn = cached_attention
     linear: Callable[[Tensor, nn.Linear], Tensor] = linear
@@ -174,11 +174,12 @@ class TimestepEmbedder(nn.Module):
         self.max_period = max_period
         self.mlp = nn.Sequential(nn.Linear(frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, timesteps: Tensor) -> Tensor:
+    def forward(self, timesteps: Tensor, ops: BlockOps = TORCH_OPS) -> Tensor:
         half = self.frequencies // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
         args = timesteps[:, None].float() * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+        h = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype)
+        return ops.linear(self.mlp[1](ops.linear(h, self.mlp[0])), self.mlp[2])
 
 
 def timestep_index(t: Tensor) -> Tensor:
@@ -331,7 +332,7 @@ class XARTransformer(nn.Module):
         nothing else, so a sampler can compute it for all its (label, time) pairs at once.
         """
         B = len(labels)
-        cond = self.time_embed(timestep_index(t.flatten())).view(B, -1, self.config.dim)
+        cond = self.time_embed(timestep_index(t.flatten()), ops).view(B, -1, self.config.dim)
         cond = cond + self.class_emb(labels)[:, None, :]
         return [ops.linear(block.ada_lin[0](cond), block.ada_lin[1]) for block in self.blocks]
 
@@ -367,7 +368,7 @@ class XARTransformer(nn.Module):
         cos, sin = self.rope_cos[start:start + N], self.rope_sin[start:start + N]
         num_commit = 0 if prefix is None else prefix.shape[1]
 
-        x = self.z_proj(x) + self.encoder_pos_embed_learned[:, start:start + N]
+        x = ops.linear(x, self.z_proj) + self.encoder_pos_embed_learned[:, start:start + N]
         x = self.z_proj_ln(x)
         for i, block in enumerate(self.encoder_blocks):
             x = block(x, modulations[i], cos, sin, cache, i, num_commit, ops)
@@ -375,7 +376,7 @@ class XARTransformer(nn.Module):
         x = ops.linear(x, self.decoder_embed) + self.decoder_pos_embed_learned[:, start:start + N]
         for i, block in enumerate(self.decoder_blocks, start=self.config.encoder_depth):
             x = block(x, modulations[i], cos, sin, cache, i, num_commit, ops)
-        x = self.pred(self.decoder_norm(x))
+        x = ops.linear(self.decoder_norm(x), self.pred)
 
         cache.length += num_commit
         return x[:, -num_noisy:]
