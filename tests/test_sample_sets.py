@@ -345,16 +345,25 @@ def _left_behind(folder: Path, target: Path) -> list[str]:
 
 def test_a_run_killed_at_random_while_writing_shards_resumes_to_the_same_file(
         tiny_checkpoint, tiny_vae_checkpoint, labels_file, reference, tmp_path):
+    # Batches of 2: six shards. Each run is killed at a random moment of the shard after the two it
+    # watches being written, so that at least one shard and the assembly are still to come however
+    # fast the machine is (a fixed delay let a quiet machine finish the job before the kill).
     npz = tmp_path / "resumed.npz"
-    argv = [sys.executable, "-c", RUN_CLI, *_job(tiny_checkpoint, tiny_vae_checkpoint, npz, labels_file, "--batch-size", 5)]
+    argv = [sys.executable, "-c", RUN_CLI, *_job(tiny_checkpoint, tiny_vae_checkpoint, npz, labels_file, "--batch-size", 2)]
     parts = tmp_path / "resumed.npz.parts"
     rng = np.random.default_rng(7)
-    for shards_before_kill in (1, 2):  # of 3
-        process = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_for_shards(count: int, process: subprocess.Popen) -> float:
         deadline = time.time() + 120
-        while time.time() < deadline and len(list(parts.glob("*.npy"))) < shards_before_kill and process.poll() is None:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.05))  # somewhere inside the next shard's work or write
+        while len(list(parts.glob("*.npy"))) < count:
+            assert process.poll() is None and time.time() < deadline, "the run stopped before writing its shards"
+            time.sleep(0.001)
+        return time.monotonic()
+
+    for watched in (2, 4):  # the run is killed inside shard 3, then inside shard 5
+        process = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shard_time = -wait_for_shards(watched - 1, process) + wait_for_shards(watched, process)
+        time.sleep(rng.uniform(0, 0.8) * shard_time)
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         assert not npz.exists(), "the run must be killed part way"
