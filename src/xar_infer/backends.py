@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .errors import InvalidArgumentError
 from .model import BlockOps
+from .model import cached_attention
 from .sampling import flow_step
 
 BACKENDS = ("auto", "torch", "triton")
@@ -90,11 +91,7 @@ SDPA_MIN_BATCH_HEADS = 1024
 def _triton_backend() -> Backend:
     from . import kernels
 
-    def attention(q, k, v, cos, sin, cache, layer, num_commit, tokens_per_cell):
-        keys, values = cache.keys[layer], cache.values[layer]
-        if q.dtype != torch.float32 and q.shape[0] * q.shape[2] >= SDPA_MIN_BATCH_HEADS:
-            return kernels.sdpa_block_causal_attention(q, k, v, cos, sin, keys, values, cache.length, tokens_per_cell)
-        return kernels.block_causal_attention(q, k, v, cos, sin, keys, values, cache.length, num_commit, tokens_per_cell)
+    attention = getattr(kernels, "ragged_attention", cached_attention)  # TODO: the ragged kernel lands next
 
     ops = BlockOps(attention=attention, linear=onednn_linear, rms_norm_modulate=kernels.rms_norm_modulate,
                    gated_residual=kernels.gated_residual, gelu_mul=kernels.gelu_mul)

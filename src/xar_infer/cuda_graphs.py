@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .errors import InvalidArgumentError
 from .model import BlockOps, XARTransformer
-from .sampling import ModulationTable
+from .engine.engine import ModulationTable
 
 
 class _Graph:

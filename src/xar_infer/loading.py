@@ -9,7 +9,6 @@ Our format is a directory with ``model.safetensors`` (parameters only) and ``con
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from .config import (
 )
 from .model import XARTransformer, block_causal_mask, rope_frequencies, rope_tables
 from .output_files import write_file, write_file_by_path
-from .sampling import cell_step_counts
+from .settings import SamplingSettings
 
 WEIGHTS_NAME = "model.safetensors"
 # A missing path with one of these endings is a mistyped file, not a Hub repo id.
@@ -152,11 +151,7 @@ def _read_config_json(path: Path) -> tuple[XARConfig, int | list[int] | None, fl
             raise InvalidArgumentError("it has no 'xar_config' object")
         config = XARConfig.from_dict(data["xar_config"])
         steps, scale = data.get("num_inference_steps"), data.get("guidance_scale")
-        if steps is not None:
-            cell_step_counts(steps, config.num_cells)
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not math.isfinite(scale) or scale < 1):
-            raise InvalidArgumentError(f"guidance_scale must be a finite number >= 1, got {scale!r}")
+        SamplingSettings.build(config.num_cells, 1 if steps is None else steps, 1.0 if scale is None else scale)
     # RecursionError: JSON nested too deeply to parse.
     except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path} is not a valid xar_infer config ({error_summary(exc)}); re-run xar-convert") from None

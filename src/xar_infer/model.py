@@ -1,17 +1,19 @@
 """The xAR transformer, inference only.
 
 One stack (encoder blocks, then decoder blocks) maps noisy cells of tokens, each conditioned on the
-class and its own flow time, to their velocity (one cell at a time when sampling, all at once when
-training). Finished cells are seen through a :class:`KVCache`
-that the caller creates per generation call and passes in; the modules keep no state between calls.
-Parameter names equal the released checkpoints' keys.
+class and its own flow time, to their velocity. A network call computes a :class:`CellBatch`: cells of
+``tokens_per_cell`` tokens from any images, packed one after another with no padding, each with its
+own position, class, time and slot of the :class:`KVCache`. A cell attends to the earlier cells of
+its slot and to itself, so an image's previous cell and its current one, or cells of images at
+different stages, share one call. The caller owns the cache and decides which cells are finished;
+the modules keep no state between calls. Parameter names equal the released checkpoints' keys.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,28 +23,70 @@ from .config import XARConfig
 
 
 class KVCache:
-    """Keys and values of every attention layer, preallocated for a whole image.
+    """Keys and values of every attention layer, for ``num_slots`` slots of a whole image each.
 
-    Positions ``[0, length)`` hold the finished cells; a forward pass writes its own tokens after them
-    and attends to everything up to its last token. Only a pass given a ``prefix`` moves ``length``.
+    A slot holds one image's sequence (one guidance half of it): a cell's keys and values sit at its
+    own positions. A network call writes the keys and values of every cell it computes; which cells of
+    a slot are finished is the owner's bookkeeping (the engine's), never the model's.
     """
 
-    def __init__(self, config: XARConfig, batch_size: int, dtype: torch.dtype, device: torch.device | str):
-        shape = (batch_size, config.num_heads, config.seq_len, config.head_dim)
+    def __init__(self, config: XARConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (num_slots, config.num_heads, config.seq_len, config.head_dim)
         # One tensor per layer, so that writing one layer never touches what another layer's autograd saved.
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.length = 0
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``k, v`` [B, heads, n, head_dim] after the finished cells; return all keys and values so far.
+    @property
+    def num_slots(self) -> int:
+        return self.keys[0].shape[0]
 
-        ``B`` may be smaller than the cache's batch: the first ``B`` rows are used (the conditional half).
-        """
-        batch, end = k.shape[0], self.length + k.shape[2]
-        self.keys[layer][:batch, :, self.length:end] = k
-        self.values[layer][:batch, :, self.length:end] = v
-        return self.keys[layer][:batch, :, :end], self.values[layer][:batch, :, :end]
+
+@dataclass(frozen=True)
+class CellBatch:
+    """The cells one network call computes, in packing order: ``len(slots)`` cells of the same size.
+
+    ``slots``, ``cells``, ``labels``, ``times``: each cell's cache slot, index in its image (its
+    position), class (``null_class`` for an unconditional half) and flow time (0 for a clean cell).
+    Cells of one slot are consecutive and at consecutive indices (a row); ``row_starts`` gives the
+    first cell of each cell's row. ``groups``: the cells of each index, for attention by index.
+    """
+
+    slots: Tensor
+    cells: Tensor
+    row_starts: Tensor
+    labels: Tensor
+    times: Tensor
+    groups: tuple[tuple[int, Tensor], ...]
+
+    @staticmethod
+    def build(slots: Sequence[int], cells: Sequence[int], labels: Sequence[int] | Tensor, times: Sequence[float] | Tensor,
+              device: torch.device | str) -> "CellBatch":
+        """From per-cell lists (rows are the runs of one slot)."""
+        row_starts = [0] * len(slots)
+        for i in range(1, len(slots)):
+            same_row = slots[i] == slots[i - 1] and cells[i] == cells[i - 1] + 1
+            row_starts[i] = row_starts[i - 1] if same_row else i
+        as_long = lambda values: torch.as_tensor(values, dtype=torch.long).to(device)  # noqa: E731
+        by_cell: dict[int, list[int]] = {}
+        for i, c in enumerate(cells):
+            by_cell.setdefault(int(c), []).append(i)
+        return CellBatch(as_long(slots), as_long(cells), as_long(row_starts), as_long(labels),
+                         torch.as_tensor(times, dtype=torch.float64).to(device),
+                         tuple((c, as_long(index)) for c, index in sorted(by_cell.items())))
+
+    @staticmethod
+    def whole_images(labels: Tensor, times: Tensor) -> "CellBatch":
+        """Every cell of ``len(labels)`` images at once (slot i is image i), at ``times`` [B, cells]: training."""
+        B, k = times.shape
+        slots = [b for b in range(B) for _ in range(k)]
+        return CellBatch.build(slots, list(range(k)) * B, labels.repeat_interleave(k), times.flatten(), labels.device)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def positions(self, tokens_per_cell: int) -> Tensor:
+        """[cells, tokens_per_cell]: each token's position in its image's sequence."""
+        return self.cells[:, None] * tokens_per_cell + torch.arange(tokens_per_cell, device=self.cells.device)
 
 
 class RMSNorm(nn.Module):
@@ -121,31 +165,38 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def block_causal_mask(tokens_per_cell: int, start: int, num_queries: int, device: torch.device | str | None = None) -> Tensor:
-    """Boolean [num_queries, start + num_queries] mask: a token sees every token of its own and earlier cells."""
-    # Made on the device (not copied there): a CUDA graph cannot capture a host-to-device copy.
+    """Boolean [num_queries, start + num_queries] mask: a token sees every token of its own and earlier cells
+    (the released code's attention mask, which the cell-wise attention below makes unnecessary)."""
     cell_of = torch.arange(start + num_queries, device=device) // tokens_per_cell
     return cell_of[None, :] <= cell_of[start:, None]
 
 
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
-                     num_commit: int, tokens_per_cell: int) -> Tensor:
-    """Attention of new tokens over the cache's finished cells and, block-causally, over each other.
+                     batch: CellBatch) -> Tensor:
+    """Attention of the batch's cells, each over its slot's earlier cells and itself.
 
-    ``q, k, v``: [B, N, heads, head_dim], not yet rotated; ``cos, sin``: the RoPE tables of their
-    positions. The keys/values of the first ``num_commit`` tokens are the ones meant for the cache (this
-    reference writes all N after the finished cells: only ``cache.length`` says what is finished).
-    Returns [B, N, heads, head_dim]. The reference for ``xar_infer.kernels.block_causal_attention``.
+    ``q, k, v``: [cells, tokens_per_cell, heads, head_dim], not yet rotated; ``cos, sin``: the RoPE
+    tables of the whole sequence. Every cell's rotated keys and values are written at its positions
+    of its slot first, so a cell sees the cells computed with it in its row. A cell's keys end where
+    it ends: no mask. Returns [cells, tokens_per_cell, heads, head_dim]. The reference for
+    ``xar_infer.kernels.ragged_attention``.
     """
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    T = q.shape[1]
+    positions = batch.positions(T)
+    cos, sin = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    start, N = cache.length, q.shape[2]
-    k, v = cache.update(layer, k, v)
-    # A single cell sees all its keys (the cache holds only earlier cells): no mask needed.
-    mask = block_causal_mask(tokens_per_cell, start, N, q.device) if N > tokens_per_cell else None
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    keys, values = cache.keys[layer], cache.values[layer]
+    keys[batch.slots[:, None], :, positions] = k
+    values[batch.slots[:, None], :, positions] = v
+    out = torch.empty_like(q)
+    for cell, index in batch.groups:
+        slots, end = batch.slots[index], (cell + 1) * T
+        out[index] = F.scaled_dot_product_attention(q[index].transpose(1, 2), keys[slots, :, :end],
+                                                    values[slots, :, :end]).transpose(1, 2)
+    return out
 
 
-# attention(q, k, v, cos, sin, cache, layer, num_commit, tokens_per_cell): cached_attention or a kernel.
+# attention(q, k, v, cos, sin, cache, layer, batch): cached_attention or a kernel.
 AttentionFn = Callable[..., Tensor]
 
 
@@ -191,16 +242,15 @@ class Attention(nn.Module):
     def __init__(self, config: XARConfig):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.tokens_per_cell = config.tokens_per_cell
         self.qkv = nn.Linear(config.dim, 3 * config.dim)
         self.proj = nn.Linear(config.dim, config.dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, num_commit: int,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, batch: CellBatch,
                 ops: BlockOps) -> Tensor:
-        B, N, D = x.shape
-        q, k, v = ops.linear(x, self.qkv).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-        out = ops.attention(q, k, v, cos, sin, cache, layer, num_commit, self.tokens_per_cell)
-        return ops.linear(out.reshape(B, N, D), self.proj)
+        S, T, D = x.shape
+        q, k, v = ops.linear(x, self.qkv).view(S, T, 3, self.num_heads, self.head_dim).unbind(2)
+        out = ops.attention(q, k, v, cos, sin, cache, layer, batch)
+        return ops.linear(out.reshape(S, T, D), self.proj)
 
 
 # Tensor cores need rows of a multiple of 8 elements (16 bytes in bf16). xAR-L's and xAR-H's MLP widths
@@ -267,12 +317,12 @@ class Block(nn.Module):
         self.tokens_per_cell = config.tokens_per_cell
 
     def forward(self, x: Tensor, modulation: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
-                num_commit: int, ops: BlockOps) -> Tensor:
-        """``modulation``: ``ada_lin`` of each cell's condition, [B, cells, 6 * dim]."""
+                batch: CellBatch, ops: BlockOps) -> Tensor:
+        """``x``: [cells, tokens_per_cell, dim]; ``modulation``: ``ada_lin`` of each cell's condition, [cells, 1, 6 * dim]."""
         T = self.tokens_per_cell
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.chunk(6, dim=-1)  # the released order
         h = ops.rms_norm_modulate(x, scale1, shift1, T, self.norm1.eps)
-        x = ops.gated_residual(x, self.attn(h, cos, sin, cache, layer, num_commit, ops), gamma1, T)
+        x = ops.gated_residual(x, self.attn(h, cos, sin, cache, layer, batch, ops), gamma1, T)
         h = ops.rms_norm_modulate(x, scale2, shift2, T, self.norm2.eps)
         return ops.gated_residual(x, self.mlp(h, ops), gamma2, T)
 
@@ -300,11 +350,19 @@ class XARTransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype, in which the network computes."""
+        return self.z_proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.z_proj.weight.device
+
     def reset_rope_tables(self) -> None:
         """Recompute the RoPE tables in fp32 on the weights' device (they are derived, never loaded)."""
         cos, sin = rope_tables(self.config)
-        device = self.z_proj.weight.device
-        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        self.rope_cos, self.rope_sin = cos.to(self.device), sin.to(self.device)
 
     def _apply(self, fn, recurse=True):
         # Rotations are applied in fp32: keep the tables exact whatever dtype the weights are cast to.
@@ -316,10 +374,9 @@ class XARTransformer(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
-    def new_cache(self, batch_size: int) -> KVCache:
-        """An empty KV cache for ``batch_size`` rows (count both guidance halves), on the model's device and dtype."""
-        weight = self.z_proj.weight
-        return KVCache(self.config, batch_size, weight.dtype, weight.device)
+    def new_cache(self, num_slots: int) -> KVCache:
+        """An empty KV cache of ``num_slots`` slots (one per image and guidance half), on the model's device and dtype."""
+        return KVCache(self.config, num_slots, self.dtype, self.device)
 
     @property
     def blocks(self) -> list[Block]:
@@ -329,54 +386,38 @@ class XARTransformer(nn.Module):
         """Every block's adaLN modulation [B, k, 6 * dim] for class ``labels`` [B] at flow times ``t`` [B, k].
 
         The condition is the class embedding plus the embedding of the quantised time. It depends on
-        nothing else, so a sampler can compute it for all its (label, time) pairs at once.
+        nothing else, so it can be computed once for every (label, time) pair a generation will need.
         """
         B = len(labels)
         cond = self.time_embed(timestep_index(t.flatten()), ops).view(B, -1, self.config.dim)
         cond = cond + self.class_emb(labels)[:, None, :]
         return [ops.linear(block.ada_lin[0](cond), block.ada_lin[1]) for block in self.blocks]
 
-    def forward(self, x: Tensor, labels: Tensor, t: Tensor, cache: KVCache, prefix: Tensor | None = None,
-                ops: BlockOps = TORCH_OPS, modulations: list[Tensor] | None = None) -> Tensor:
-        """Velocity of the noisy cells ``x`` that follow the cache's finished cells (and ``prefix``).
+    def forward(self, x: Tensor, batch: CellBatch, cache: KVCache, ops: BlockOps = TORCH_OPS,
+                modulations: list[Tensor] | None = None) -> Tensor:
+        """Velocity of each cell of ``batch``: ``x`` [cells, tokens_per_cell, token_channels] -> the same shape.
 
-        ``x``: [B, k * tokens_per_cell, token_channels], one cell when sampling, every cell when
-        training; ``labels`` [B] (``null_class`` for the unconditional branch); ``t``: flow time
-        (1 = noise, 0 = data), [B] for one cell or [B, k] per cell. ``prefix``: clean tokens of whole
-        finished cells not cached yet (the released sampler passes the previous cell); they run at t=0.
-        The input attends block-causally (a cell sees itself and earlier cells); the keys and values of
-        ``prefix`` are added to the cache, those of ``x`` are not. ``ops``: the PyTorch references or a
-        backend's kernels (``xar_infer.backends``). ``modulations``: ``self.modulations(labels,
-        times of [prefix ; x] cells)`` if already computed. Returns [B, k * tokens_per_cell, channels].
+        Each cell attends to the cells before it in its slot of ``cache`` and to itself; its keys and
+        values are written to its positions there (a clean cell at t=0 so becomes part of its image's
+        context for later calls). ``ops``: the PyTorch references or a backend's kernels
+        (``xar_infer.backends``). ``modulations``: per block, [cells, 1, 6 * dim], if already known
+        (``self.modulations(batch.labels, batch.times[:, None])``).
         """
-        T = self.config.tokens_per_cell
-        start, num_noisy = cache.length, x.shape[1]
-        if num_noisy % T or (prefix is not None and prefix.shape[1] % T):
-            raise ValueError(f"inputs must hold whole cells of {T} tokens, got x {num_noisy}"
-                             f"{'' if prefix is None else f' and prefix {prefix.shape[1]}'}")
-        cell_times = t.reshape(len(t), -1).expand(-1, num_noisy // T)
-        if prefix is not None:
-            x = torch.cat([prefix, x], dim=1)
-            cell_times = torch.cat([cell_times.new_zeros(len(t), prefix.shape[1] // T), cell_times], dim=1)
-        B, N, _ = x.shape
-        dtype = self.z_proj.weight.dtype
-        x = x.to(dtype)
-
+        S, T, _ = x.shape
+        if T != self.config.tokens_per_cell or len(batch) != S:
+            raise ValueError(f"x must be [{len(batch)} cells, {self.config.tokens_per_cell} tokens, channels], "
+                             f"got {list(x.shape)}")
         if modulations is None:
-            modulations = self.modulations(labels, cell_times, ops)
+            modulations = self.modulations(batch.labels, batch.times[:, None], ops)
+        positions = batch.positions(T)
+        cos, sin = self.rope_cos, self.rope_sin
 
-        cos, sin = self.rope_cos[start:start + N], self.rope_sin[start:start + N]
-        num_commit = 0 if prefix is None else prefix.shape[1]
-
-        x = ops.linear(x, self.z_proj) + self.encoder_pos_embed_learned[:, start:start + N]
+        x = ops.linear(x.to(self.dtype), self.z_proj) + self.encoder_pos_embed_learned[0, positions]
         x = self.z_proj_ln(x)
         for i, block in enumerate(self.encoder_blocks):
-            x = block(x, modulations[i], cos, sin, cache, i, num_commit, ops)
+            x = block(x, modulations[i], cos, sin, cache, i, batch, ops)
         x = self.encoder_norm(x)
-        x = ops.linear(x, self.decoder_embed) + self.decoder_pos_embed_learned[:, start:start + N]
+        x = ops.linear(x, self.decoder_embed) + self.decoder_pos_embed_learned[0, positions]
         for i, block in enumerate(self.decoder_blocks, start=self.config.encoder_depth):
-            x = block(x, modulations[i], cos, sin, cache, i, num_commit, ops)
-        x = ops.linear(self.decoder_norm(x), self.pred)
-
-        cache.length += num_commit
-        return x[:, -num_noisy:]
+            x = block(x, modulations[i], cos, sin, cache, i, batch, ops)
+        return ops.linear(self.decoder_norm(x), self.pred)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -20,12 +19,12 @@ from .imagenet import resolve_class_labels
 from .loading import load_pretrained
 from .memory import require_memory
 from .model import XARTransformer
-from .sampling import (GUIDANCE_SCHEDULES, SAMPLERS, NoiseSource, cell_step_counts, check_guidance_interval,
-                       evaluations_per_cell, generate_tokens)
+from .engine import Engine
+from .engine.engine import OUTPUT_TYPES
+from .sampling import NoiseSource
+from .settings import SamplingSettings
 from .vae import AutoencoderKLDecoder, load_vae
 from .vae_tiling import DEFAULT_TILE_OVERLAP
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 # Measured on this project's CPU (AMD EPYC, AVX512-BF16), dense matmuls: float16 1 GFLOP/s, float32
 # 168, bfloat16 783. Most CPUs have no fast float16 matmul; recent ones have a bfloat16 one.
@@ -54,7 +53,7 @@ class XARPipeline:
     def __init__(self, transformer: XARTransformer, vae: AutoencoderKLDecoder | None = None, *,
                  num_inference_steps: int = 50, guidance_scale: float = 1.0, backend: str = "auto"):
         self.transformer = transformer
-        resolve_backend(backend, transformer.z_proj.weight.device)  # fail now, not at the first call
+        resolve_backend(backend, transformer.device)  # fail now, not at the first call
         self.backend = backend
         self.vae = vae
         self.default_num_inference_steps = num_inference_steps
@@ -88,11 +87,11 @@ class XARPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.z_proj.weight.device
+        return self.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.z_proj.weight.dtype
+        return self.transformer.dtype
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -163,22 +162,28 @@ class XARPipeline:
         """Options for the tqdm progress bar, e.g. ``disable=True``."""
         self._progress_bar_config = dict(kwargs)
 
-    def _check_arguments(self, num_inference_steps, guidance_scale, output_type, sampler, guidance_schedule,
-                         guidance_interval) -> None:
-        cell_step_counts(num_inference_steps, self.transformer.config.num_cells)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not math.isfinite(guidance_scale) or guidance_scale < 1:
-            raise InvalidArgumentError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
-        check_guidance_interval(guidance_interval)
+    def _check_output_type(self, output_type: str) -> None:
         if output_type not in OUTPUT_TYPES:
             raise InvalidArgumentError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if sampler not in SAMPLERS:
-            raise InvalidArgumentError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise InvalidArgumentError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
         if output_type != "latent" and self.vae is None and not self.transformer.config.pixel_space:
             raise InvalidArgumentError("this pipeline has no VAE to decode images: pass vae='path/to/kl16.ckpt' to "
-                             "from_pretrained, or use output_type='latent'")
+                                       "from_pretrained, or use output_type='latent'")
+
+    def engine(self, max_rows: int = 64, modulation_table_bytes: int = 256 * 2**20) -> Engine:
+        """A continuous-batching engine on this pipeline's model: requests join and leave between
+        network calls, each with its own settings. ``max_rows``: the KV cache's rows, allocated now
+        (one per image and guidance half in flight). Use it as a context manager, which runs it in a
+        background thread and finishes its requests on exit.
+
+        Example::
+
+            with pipe.engine(max_rows=64) as engine:
+                future = engine.submit(GenerationRequest(class_label=7, seed=3, output_type="pil"))
+                image = future.result()
+        """
+        return Engine(self.transformer, resolve_backend(self.backend, self.device), max_rows,
+                      (self.default_num_inference_steps, self.default_guidance_scale),
+                      finish=self._postprocess, modulation_table_bytes=modulation_table_bytes)
 
     @torch.inference_mode()
     def __call__(self, class_labels: int | str | Sequence[int | str] | torch.Tensor,
@@ -205,40 +210,46 @@ class XARPipeline:
         ``vae_tile_size``: decode in windows of that many latent cells (plus ``vae_tile_overlap`` on
         each side), bounding the decoder's memory; see ``AutoencoderKLDecoder.decode``.
         """
-        steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
-        scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        self._check_arguments(steps, scale, output_type, sampler, guidance_schedule, guidance_interval)
         config = self.transformer.config
+        settings = SamplingSettings.build(
+            config.num_cells, self.default_num_inference_steps if num_inference_steps is None else num_inference_steps,
+            self.default_guidance_scale if guidance_scale is None else guidance_scale, sampler, guidance_schedule,
+            guidance_interval)
+        self._check_output_type(output_type)
         labels = torch.tensor(resolve_class_labels(class_labels, config.num_classes), device=self.device)
         backend = resolve_backend(self.backend, self.device)
-        require_memory(self.memory_needed(len(labels), output_type, scale > 1, vae_tile_size, vae_tile_overlap),
+        plan = settings.plan(config.num_cells)
+        require_memory(self.memory_needed(len(labels), output_type, plan.guided, vae_tile_size, vae_tile_overlap),
                        self.device, f"making {len(labels)} images in one call",
                        "pass fewer class labels per call" + ("" if output_type == "latent" else ", or decode in tiles (vae_tile_size)"))
         if self.device.type == "cpu" and self.dtype == torch.float16:
             warnings.warn(CPU_FLOAT16_ADVICE, stacklevel=2)
 
         noise = NoiseSource(generator, len(labels), self.device)  # checks the generators before the progress bar shows
-        total = sum(evaluations_per_cell(sampler, n) for n in cell_step_counts(steps, config.num_cells))
-        with tqdm(**{"total": total, "unit": "eval", **self._progress_bar_config}) as progress:
-            latent = generate_tokens(
-                self.transformer, labels, steps, scale, noise,
-                sampler=sampler, guidance_schedule=guidance_schedule, on_evaluation=lambda: progress.update(1),
-                backend=backend, guidance_interval=None if guidance_interval is None else tuple(guidance_interval),
-                cuda_graphs=self._cuda_graphs,
-            )
+        # One job of the whole batch on an engine of its size: the calls are those of lockstep sampling.
+        engine = Engine(self.transformer, backend, len(labels) * (2 if plan.guided else 1),
+                        (self.default_num_inference_steps, self.default_guidance_scale))
+        with tqdm(**{"total": plan.num_evaluations, "unit": "eval", **self._progress_bar_config}) as progress:
+            future = engine.add_job(labels, settings, noise, finish=lambda latent: latent,
+                                    on_evaluation=lambda: progress.update(1))
+            engine.run_until_idle()
+        images = self._postprocess(future.result(), output_type, vae_tile_size, vae_tile_overlap)
+        return XARPipelineOutput(images) if return_dict else (images,)
 
+    def _postprocess(self, latent: torch.Tensor, output_type: str, vae_tile_size: int | None = None,
+                     vae_tile_overlap: int = DEFAULT_TILE_OVERLAP):
+        """A batch's latent -> the images of ``output_type`` (refusing inf/NaN)."""
         check_finite(latent, "latents", self.dtype)
         if output_type == "latent":
-            images = latent
-        else:
-            decoded = self.decode(latent, tile_size=vae_tile_size, tile_overlap=vae_tile_overlap)
-            check_finite(decoded, "decoded images", next(self.vae.parameters()).dtype if self.vae is not None else self.dtype)
-            images = ((decoded + 1) / 2).clamp(0, 1).cpu()
-            if output_type == "np":
-                images = images.permute(0, 2, 3, 1).numpy()
-            elif output_type == "pil":
-                images = to_pil(images)
-        return XARPipelineOutput(images) if return_dict else (images,)
+            return latent
+        decoded = self.decode(latent, tile_size=vae_tile_size, tile_overlap=vae_tile_overlap)
+        check_finite(decoded, "decoded images", next(self.vae.parameters()).dtype if self.vae is not None else self.dtype)
+        images = ((decoded + 1) / 2).clamp(0, 1).cpu()
+        if output_type == "np":
+            return images.permute(0, 2, 3, 1).numpy()
+        if output_type == "pil":
+            return to_pil(images)
+        return images
 
     def decode(self, latent: torch.Tensor, tile_size: int | None = None,
                tile_overlap: int = DEFAULT_TILE_OVERLAP) -> torch.Tensor:

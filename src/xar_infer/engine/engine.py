@@ -1,0 +1,358 @@
+"""The generation engine: many jobs, one network call at a time, each call a packed batch of cells.
+
+Every network call, the scheduler admits what fits; then each running job contributes the evaluation
+its sampler asked for (one noisy cell per image and half, plus the previous clean cell on a cell's
+first call), all packed into one :class:`~xar_infer.model.CellBatch`. Jobs at different cells, steps
+and settings share the call; each gets its own velocities back and its sampler moves one step. So a
+request that arrives while others run joins at the next call instead of waiting for a whole batch.
+
+``step()`` runs one call; ``start()`` runs calls in a background thread while there is work, which
+is how ``XARPipeline.engine`` serves requests; ``run_until_idle()`` runs them in the caller's thread,
+which is how ``XARPipeline.__call__`` generates its batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..backends import Backend
+from ..errors import InvalidArgumentError
+from ..imagenet import resolve_class_labels
+from ..memory import require_memory
+from ..model import CellBatch, XARTransformer
+from ..sampling import NoiseSource, sample_image, tokens_to_latent
+from ..settings import SamplingSettings
+from .requests import CellCallback, GenerationFuture, GenerationRequest, Job
+from .scheduler import Scheduler
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+# Seeds go to torch.Generator.manual_seed, which takes up to 64 bits.
+MAX_SEED = 2**64 - 1
+
+
+class ModulationTable:
+    """Every block's adaLN modulation for each (row, time) a job will evaluate.
+
+    The modulation depends only on the class and the quantised time, and the same few dozen times
+    recur in every cell, so one batched product per block at admission replaces re-reading the
+    ``ada_lin`` weights (half of xAR-B's) at each of the job's calls.
+    """
+
+    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops):
+        self.column = {t: i for i, t in enumerate(times)}
+        grid = torch.tensor(list(times), dtype=torch.float64, device=labels.device)
+        self.per_block = model.modulations(labels, grid[None].expand(len(labels), -1), ops)
+
+    @staticmethod
+    def nbytes(model: XARTransformer, rows: int, num_times: int) -> int:
+        c = model.config
+        return c.num_layers * rows * num_times * 6 * c.dim * model.dtype.itemsize
+
+    def lookup(self, rows: Tensor, times: Sequence[float]) -> list[Tensor]:
+        """Per block, [len(rows), 1, 6 * dim]: row ``rows[i]`` of the table at ``times[i]``."""
+        columns = torch.tensor([self.column[t] for t in times], device=rows.device)
+        return [m[rows, columns].unsqueeze(1) for m in self.per_block]
+
+
+class Engine:
+    """Continuous batching of generation jobs on one transformer.
+
+    ``max_rows``: the KV cache's slots, allocated up front: a call computes at most one row per slot
+    (an image's conditional or unconditional half), and a request needs one slot per half for its
+    whole life. ``defaults``: (steps, guidance scale) for settings a request leaves out.
+    ``finish(latent, output_type)``: turns a job's latent into its result (the pipeline decodes).
+    ``modulation_table_bytes``: the memory for per-job modulation tables; a job admitted beyond it
+    computes its modulations at every call instead (same values, more weight reads).
+    """
+
+    def __init__(self, transformer: XARTransformer, backend: Backend, max_rows: int,
+                 defaults: tuple[int | Sequence[int], float],
+                 finish: Callable[[Tensor, str], Any] | None = None,
+                 modulation_table_bytes: int = 256 * 2**20):
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise InvalidArgumentError(f"max_rows must be a positive integer (the rows one network call may hold), "
+                                       f"got {max_rows!r}")
+        self.model = transformer
+        self.backend = backend
+        self.max_rows = max_rows
+        self.defaults = defaults
+        self._finish = finish
+        self.modulation_table_bytes = modulation_table_bytes
+        self._table_bytes_used = 0
+        config = transformer.config
+        cache_bytes = 2 * config.num_layers * max_rows * config.seq_len * config.dim * transformer.dtype.itemsize
+        require_memory(cache_bytes, transformer.device, f"a KV cache of {max_rows} rows", "pass a smaller max_rows")
+        self.cache = transformer.new_cache(max_rows)
+        self.scheduler = Scheduler(max_rows)
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stepping = threading.Lock()  # one network call at a time, whichever thread runs it
+        self.num_calls = 0
+        self.num_rows = 0  # summed over calls
+
+    # ---------------------------------------------------------------- submitting
+    def submit(self, request: GenerationRequest, on_cell: CellCallback | None = None) -> GenerationFuture:
+        """Queue one image; returns its future. Thread-safe. Bad settings raise ``ValueError`` here.
+
+        ``on_cell(index, latent)``: called from the engine's thread after each finished cell with the
+        latent so far ([c, h, w], model scale; cells not made yet are zero), for previews.
+        """
+        if not isinstance(request, GenerationRequest):
+            raise InvalidArgumentError(f"submit takes a GenerationRequest, got {type(request).__name__}")
+        config = self.model.config
+        label = resolve_class_labels(request.class_label, config.num_classes)
+        seed = request.seed
+        if seed is None:
+            seed = secrets.randbits(63)
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        if request.output_type not in OUTPUT_TYPES:
+            raise InvalidArgumentError(f"output_type must be one of {OUTPUT_TYPES}, got {request.output_type!r}")
+        if request.output_type != "latent" and self._finish is None:
+            raise InvalidArgumentError("this engine returns latents only: use output_type='latent'")
+        steps, scale = self.defaults
+        settings = SamplingSettings.build(
+            config.num_cells, steps if request.num_inference_steps is None else request.num_inference_steps,
+            scale if request.guidance_scale is None else request.guidance_scale, request.sampler or "sde",
+            request.guidance_schedule or "linear", request.guidance_interval)
+        future = GenerationFuture(seed)
+        noise = NoiseSource([torch.Generator().manual_seed(seed)], 1, self.model.device)
+        output_type = request.output_type
+
+        def finish(latent: Tensor):
+            return latent[0] if output_type == "latent" else self._finish(latent, output_type)[0]
+
+        preview = None
+        if on_cell is not None:
+            def preview(index: int, cells: list[Tensor]) -> None:
+                on_cell(index, self._partial_latent(cells)[0])
+
+        self.add_job(torch.tensor(label, device=self.model.device), settings, noise, finish, future, on_cell=preview)
+        return future
+
+    def add_job(self, labels: Tensor, settings: SamplingSettings, noise: NoiseSource, finish: Callable[[Tensor], Any],
+                future: Future | None = None, on_evaluation: Callable[[], None] | None = None,
+                on_cell: Callable[[int, list[Tensor]], None] | None = None) -> Future:
+        """Queue ``len(labels)`` images sampled together from ``noise`` (one generator keeps the
+        released draw order); ``finish(latent)`` makes the future's result. Thread-safe."""
+        config = self.model.config
+        plan = settings.plan(config.num_cells)
+        sampler = sample_image(plan, noise, (config.tokens_per_cell, config.token_channels), config.grid_size,
+                               config.cell_size, self.backend.flow_step, on_cell)
+        job = Job(labels, settings, plan, sampler, future or Future(), finish, on_evaluation)
+        if job.num_slots > self.max_rows:
+            raise InvalidArgumentError(f"{len(labels)} image(s) need {job.num_slots} rows (one per image and guidance "
+                                       f"half), but this engine has max_rows={self.max_rows}: raise max_rows")
+        self.scheduler.add(job)
+        with self._wakeup:
+            self._wakeup.notify()
+        return job.future
+
+    # ---------------------------------------------------------------- running
+    def step(self) -> bool:
+        """Admit what fits and run one network call. Returns whether any job is left."""
+        with self._stepping, torch.inference_mode():
+            jobs, admitted = self.scheduler.schedule()
+            for job in admitted:
+                self._start(job)
+            jobs = [job for job in jobs if job.pending is not None]
+            if jobs:
+                try:
+                    velocities = self._network_call(jobs)
+                except Exception as error:  # e.g. out of memory: the jobs of this call fail, the engine goes on
+                    for job in jobs:
+                        self._fail(job, error)
+                else:
+                    for job, v in zip(jobs, velocities):
+                        self._advance(job, v)
+            return self.scheduler.has_work()
+
+    def run_until_idle(self) -> None:
+        """Run network calls in this thread until every job has left."""
+        while self.step():
+            pass
+
+    def _start(self, job: Job) -> None:
+        try:
+            if self.modulation_table_bytes > 0:
+                times = job.plan.modulation_times
+                size = ModulationTable.nbytes(self.model, job.num_slots, len(times))
+                if self._table_bytes_used + size <= self.modulation_table_bytes:
+                    job.table = ModulationTable(self.model, self._row_labels(job), times, self.backend.ops)
+                    self._table_bytes_used += size
+            job.pending = next(job.sampler)
+        except Exception as error:
+            self._fail(job, error)
+
+    def _row_labels(self, job: Job) -> Tensor:
+        """The label of each of the job's rows: its images, then the null class for the unconditional half."""
+        if not job.plan.guided:
+            return job.labels
+        return torch.cat([job.labels, torch.full_like(job.labels, self.model.null_class)])
+
+    def _network_call(self, jobs: list[Job]) -> list[Tensor]:
+        """One call for every job's pending evaluation; returns each job's velocities."""
+        dtype = self.model.dtype
+        slots, cells, labels, times, rows_of_table, tokens, noisy = [], [], [], [], [], [], []
+        for job in jobs:
+            e, B = job.pending, job.batch_size
+            row_labels = self._row_labels(job).tolist()
+            halves = 2 if e.both_halves else 1
+            for half in range(halves):
+                # The unconditional half without guidance only adds the previous cell to its context.
+                with_noisy = half == 0 or e.guide
+                for b in range(B):
+                    row = half * B + b
+                    if e.prefix is not None:
+                        slots.append(job.slots[row]), cells.append(e.cell - 1), labels.append(row_labels[row])
+                        times.append(0.0), rows_of_table.append((job, row))
+                    if with_noisy:
+                        noisy.append(len(slots))
+                        slots.append(job.slots[row]), cells.append(e.cell), labels.append(row_labels[row])
+                        times.append(e.t), rows_of_table.append((job, row))
+                if e.prefix is not None and with_noisy:  # [prefix 0, x 0, prefix 1, x 1, ...]
+                    tokens.append(torch.stack([e.prefix.to(dtype), e.x.to(dtype)], dim=1).flatten(0, 1))
+                else:
+                    tokens.append((e.x if e.prefix is None else e.prefix).to(dtype))
+        device = self.model.device
+        batch = CellBatch.build(slots, cells, labels, times, device)
+        modulations = self._modulations(batch, rows_of_table, times)
+        out = self.model(torch.cat(tokens), batch, self.cache, self.backend.ops, modulations)
+        self.num_calls += 1
+        self.num_rows += len(set(slots))
+        velocities, start = [], 0
+        noisy = torch.tensor(noisy, device=device)
+        for job in jobs:
+            count = job.batch_size * (2 if job.pending.guide else 1)
+            velocities.append(out[noisy[start:start + count]])
+            start += count
+        return velocities
+
+    def _modulations(self, batch: CellBatch, rows_of_table: list[tuple[Job, int]], times: list[float]) -> list[Tensor]:
+        """Per block, [cells, 1, 6 * dim]: from the jobs' tables where they have one, computed otherwise."""
+        looked_up = [i for i, (job, _) in enumerate(rows_of_table) if job.table is not None]
+        if len(looked_up) == len(rows_of_table) and len({id(job) for job, _ in rows_of_table}) == 1:
+            job = rows_of_table[0][0]
+            return job.table.lookup(torch.tensor([r for _, r in rows_of_table], device=batch.slots.device), times)
+        computed = [i for i, (job, _) in enumerate(rows_of_table) if job.table is None]
+        out = None
+        if computed:
+            index = torch.tensor(computed, device=batch.slots.device)
+            parts = self.model.modulations(batch.labels[index], batch.times[index, None], self.backend.ops)
+            out = [torch.empty(len(batch), 1, m.shape[-1], dtype=m.dtype, device=m.device) for m in parts]
+            for o, m in zip(out, parts):
+                o[index] = m
+        by_job: dict[int, list[int]] = {}
+        for i in looked_up:
+            by_job.setdefault(id(rows_of_table[i][0]), []).append(i)
+        for indices in by_job.values():
+            job = rows_of_table[indices[0]][0]
+            parts = job.table.lookup(torch.tensor([rows_of_table[i][1] for i in indices], device=batch.slots.device),
+                                     [times[i] for i in indices])
+            if out is None:
+                out = [torch.empty(len(batch), 1, m.shape[-1], dtype=m.dtype, device=m.device) for m in parts]
+            index = torch.tensor(indices, device=batch.slots.device)
+            for o, m in zip(out, parts):
+                o[index] = m
+        return out
+
+    def _advance(self, job: Job, velocity: Tensor) -> None:
+        if job.on_evaluation is not None:
+            job.on_evaluation()
+        try:
+            job.pending = job.sampler.send(velocity)
+        except StopIteration as finished:
+            job.pending = None
+            self._complete(job, finished.value)
+        except Exception as error:
+            self._fail(job, error)
+
+    def _complete(self, job: Job, latent: Tensor) -> None:
+        self._leave(job)
+        try:
+            result = job.finish(latent)
+        except Exception as error:
+            self._settle(job.future, error=error)
+        else:
+            self._settle(job.future, result=result)
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        job.pending = None
+        self._leave(job)
+        self._settle(job.future, error=error)
+
+    def _leave(self, job: Job) -> None:
+        if job in self.scheduler.running:
+            self.scheduler.release(job)
+        if job.table is not None:
+            self._table_bytes_used -= ModulationTable.nbytes(self.model, job.num_slots, len(job.table.column))
+            job.table = None
+        job.sampler.close()
+
+    @staticmethod
+    def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+        try:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+        except InvalidStateError:  # cancelled meanwhile: nobody wants the result
+            pass
+
+    def _partial_latent(self, cells: list[Tensor]) -> Tensor:
+        config = self.model.config
+        tokens = torch.cat(cells, dim=1)
+        missing = config.seq_len - tokens.shape[1]
+        tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], missing, tokens.shape[2])], dim=1)
+        return tokens_to_latent(tokens, config.grid_size, config.cell_size)
+
+    # ---------------------------------------------------------------- the background thread
+    def start(self) -> "Engine":
+        """Run network calls in a background thread whenever there is work."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="xar-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                self._wakeup.wait_for(lambda: self._stopping or self.scheduler.has_work())
+                if self._stopping:
+                    return
+            self.step()
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the background thread. ``wait``: finish every queued request first; otherwise they
+        are cancelled."""
+        if self._thread is not None and wait:
+            while self.scheduler.has_work() and self._thread.is_alive():
+                with self._wakeup:
+                    self._wakeup.wait(0.01)
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._stepping:
+            for job in self.scheduler.drain():
+                job.future.cancel() or self._settle(job.future, error=RuntimeError("the engine was shut down"))
+                if job.table is not None:
+                    self._table_bytes_used -= ModulationTable.nbytes(self.model, job.num_slots, len(job.table.column))
+                    job.table = None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.shutdown(wait=exc_type is None)
