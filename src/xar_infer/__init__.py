@@ -2,19 +2,25 @@
 
 from .errors import CheckpointError, InvalidArgumentError, NumericalError, ResourceError, XARError
 from .config import PRESETS, XARConfig
+from .engine import Engine, GenerationFuture, GenerationRequest
 from .loading import convert_checkpoint
 from .model import KVCache, XARTransformer
 from .pipeline import XARPipeline, XARPipelineOutput
+from .settings import SamplingSettings
 from .vae import load_vae
 from .vae_tiling import vae_tiling_backend
 
 __all__ = [
     "CheckpointError",
+    "Engine",
+    "GenerationFuture",
+    "GenerationRequest",
     "InvalidArgumentError",
     "KVCache",
     "NumericalError",
     "PRESETS",
     "ResourceError",
+    "SamplingSettings",
     "XARConfig",
     "XARError",
     "XARPipeline",

@@ -35,7 +35,7 @@ from .output_files import require_parent_folder, write_file, write_file_by_path
 from .pipeline import XARPipeline, to_uint8
 from .sample_sets import (SampleSetJob, WorkFolder, claim, fid_labels, fid_labels_spread, process_group,
                           read_labels_file, write_sample_set)
-from .sampling import GUIDANCE_SCHEDULES, MAX_STEPS, SAMPLERS, check_guidance_interval
+from .settings import GUIDANCE_SCHEDULES, SAMPLERS, SamplingSettings
 from .vae import load_vae
 from .vae_tiling import DEFAULT_TILE_OVERLAP
 
@@ -253,7 +253,7 @@ def time_interval(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO,HI, two flow times in [0, 1], got {text!r}") from None
     try:
-        check_guidance_interval((lo, hi))
+        SamplingSettings.build(None, 1, 1.0, guidance_interval=(lo, hi), names=CLI_NAMES)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return lo, hi
@@ -272,14 +272,7 @@ def validate_generate_args(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(f"--num-images must be at least 1, got {args.num_images}")
     if args.batch_size < 1:
         raise InvalidArgumentError(f"--batch-size must be at least 1, got {args.batch_size}")
-    counts = [] if args.steps is None else [args.steps] if isinstance(args.steps, int) else args.steps
-    if counts and min(counts) < 1:
-        raise InvalidArgumentError(f"--steps must be positive, got {','.join(map(str, counts))}")
-    if counts and max(counts) > MAX_STEPS:
-        raise InvalidArgumentError(f"--steps must be at most {MAX_STEPS} per cell (the network resolves time in "
-                                   f"{MAX_STEPS} levels), got {','.join(map(str, counts))}")
-    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 1):
-        raise InvalidArgumentError(f"--cfg must be a finite number >= 1 (1 turns guidance off), got {args.cfg}")
+    check_settings(args, None)
     if args.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
         raise InvalidArgumentError(f"--sha256 must be 64 hexadecimal digits, got {args.sha256!r}")
     if args.seed < 0 or args.seed + args.num_images - 1 > MAX_SEED:
@@ -309,14 +302,19 @@ def validate_generate_args(args: argparse.Namespace) -> None:
     if args.checkpoint is None:  # a preset: what it needs is known before loading
         config = find_preset(args.model or DEFAULT_MODEL).config
         check_vae_choice(args, config.pixel_space)
-        check_steps(args, config.num_cells)
+        check_settings(args, config.num_cells)
 
 
-def check_steps(args: argparse.Namespace, num_cells: int) -> None:
-    """A --steps list gives one count per cell of the model."""
-    if isinstance(args.steps, list) and len(args.steps) != num_cells:
-        raise InvalidArgumentError(f"--steps {','.join(map(str, args.steps))} gives {len(args.steps)} counts, but this "
-                                   f"model makes {num_cells} cells: give one count, or one per cell")
+# How SamplingSettings names the options in its errors.
+CLI_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--cfg", "sampler": "--sampler",
+             "guidance_schedule": "--guidance-schedule", "guidance_interval": "--guidance-interval"}
+
+
+def check_settings(args: argparse.Namespace, num_cells: int | None) -> None:
+    """The sampling options, checked by the one object that checks them (a per-cell --steps list
+    against the model's cells once ``num_cells`` is known); defaults stand in for options not given."""
+    SamplingSettings.build(num_cells, 1 if args.steps is None else args.steps, 1.0 if args.cfg is None else args.cfg,
+                           args.sampler, args.guidance_schedule, args.guidance_interval, names=CLI_NAMES)
 
 
 def check_vae_choice(args: argparse.Namespace, pixel_space: bool) -> None:
@@ -482,7 +480,7 @@ def generate(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args, device)
     config = pipe.transformer.config
     check_vae_choice(args, config.pixel_space)
-    check_steps(args, config.num_cells)
+    check_settings(args, config.num_cells)
     if config.num_classes != known_classes:
         image_ids, targets = plan_outputs(args, config.num_classes)
         prepare_outputs(targets, args.overwrite)
@@ -550,7 +548,7 @@ def generate_sample_set(args: argparse.Namespace) -> None:
         pipe = load_pipeline(args, group.device)
         config = pipe.transformer.config
         check_vae_choice(args, config.pixel_space)
-        check_steps(args, config.num_cells)
+        check_settings(args, config.num_cells)
         labels = sample_set_labels(args, config.num_classes)
         steps = args.steps if args.steps is not None else pipe.default_num_inference_steps
         cfg = args.cfg if args.cfg is not None else pipe.default_guidance_scale

@@ -20,6 +20,7 @@ from .loading import load_pretrained
 from .memory import require_memory
 from .model import XARTransformer
 from .engine import Engine
+from .engine.engine import generate_latents
 from .engine.engine import OUTPUT_TYPES
 from .sampling import NoiseSource
 from .settings import SamplingSettings
@@ -226,14 +227,10 @@ class XARPipeline:
             warnings.warn(CPU_FLOAT16_ADVICE, stacklevel=2)
 
         noise = NoiseSource(generator, len(labels), self.device)  # checks the generators before the progress bar shows
-        # One job of the whole batch on an engine of its size: the calls are those of lockstep sampling.
-        engine = Engine(self.transformer, backend, len(labels) * (2 if plan.guided else 1),
-                        (self.default_num_inference_steps, self.default_guidance_scale))
         with tqdm(**{"total": plan.num_evaluations, "unit": "eval", **self._progress_bar_config}) as progress:
-            future = engine.add_job(labels, settings, noise, finish=lambda latent: latent,
-                                    on_evaluation=lambda: progress.update(1))
-            engine.run_until_idle()
-        images = self._postprocess(future.result(), output_type, vae_tile_size, vae_tile_overlap)
+            latent = generate_latents(self.transformer, labels, settings, noise, backend,
+                                      on_evaluation=lambda: progress.update(1))
+        images = self._postprocess(latent, output_type, vae_tile_size, vae_tile_overlap)
         return XARPipelineOutput(images) if return_dict else (images,)
 
     def _postprocess(self, latent: torch.Tensor, output_type: str, vae_tile_size: int | None = None,

@@ -4,7 +4,7 @@
 decides which jobs run; ``engine`` runs the network calls and moves each job's sampler.
 """
 
-from .engine import Engine
+from .engine import EagerNetwork, Engine, generate_latents
 from .requests import GenerationFuture, GenerationRequest
 
-__all__ = ["Engine", "GenerationFuture", "GenerationRequest"]
+__all__ = ["EagerNetwork", "Engine", "generate_latents", "GenerationFuture", "GenerationRequest"]

@@ -61,6 +61,23 @@ class ModulationTable:
         return [m[rows, columns].unsqueeze(1) for m in self.per_block]
 
 
+class EagerNetwork:
+    """The network call protocol, run eagerly: ``network(x, batch, modulations)`` -> velocities of
+    every cell of ``batch`` (``XARTransformer.forward``), with the KV cache this object owns.
+    ``xar_infer.cuda_graphs`` replays the same calls from CUDA graphs."""
+
+    def __init__(self, model: XARTransformer, ops, num_slots: int):
+        self.model, self.ops = model, ops
+        self.cache = model.new_cache(num_slots)
+
+    def __call__(self, x: Tensor, batch: CellBatch, modulations: list[Tensor] | None) -> Tensor:
+        return self.model(x, batch, self.cache, self.ops, modulations)
+
+
+# network(model, ops, num_slots) -> a callable like EagerNetwork.
+NetworkFactory = Callable[[XARTransformer, Any, int], Callable[[Tensor, CellBatch, "list[Tensor] | None"], Tensor]]
+
+
 class Engine:
     """Continuous batching of generation jobs on one transformer.
 
@@ -70,12 +87,13 @@ class Engine:
     ``finish(latent, output_type)``: turns a job's latent into its result (the pipeline decodes).
     ``modulation_table_bytes``: the memory for per-job modulation tables; a job admitted beyond it
     computes its modulations at every call instead (same values, more weight reads).
+    ``network``: makes the network-call object (``EagerNetwork``, or CUDA graphs' replaying one).
     """
 
     def __init__(self, transformer: XARTransformer, backend: Backend, max_rows: int,
                  defaults: tuple[int | Sequence[int], float],
                  finish: Callable[[Tensor, str], Any] | None = None,
-                 modulation_table_bytes: int = 256 * 2**20):
+                 modulation_table_bytes: int = 256 * 2**20, network: NetworkFactory = EagerNetwork):
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise InvalidArgumentError(f"max_rows must be a positive integer (the rows one network call may hold), "
                                        f"got {max_rows!r}")
@@ -89,7 +107,7 @@ class Engine:
         config = transformer.config
         cache_bytes = 2 * config.num_layers * max_rows * config.seq_len * config.dim * transformer.dtype.itemsize
         require_memory(cache_bytes, transformer.device, f"a KV cache of {max_rows} rows", "pass a smaller max_rows")
-        self.cache = transformer.new_cache(max_rows)
+        self.network = network(transformer, backend.ops, max_rows)
         self.scheduler = Scheduler(max_rows)
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -225,7 +243,7 @@ class Engine:
         device = self.model.device
         batch = CellBatch.build(slots, cells, labels, times, device)
         modulations = self._modulations(batch, rows_of_table, times)
-        out = self.model(torch.cat(tokens), batch, self.cache, self.backend.ops, modulations)
+        out = self.network(torch.cat(tokens), batch, modulations)
         self.num_calls += 1
         self.num_rows += len(set(slots))
         velocities, start = [], 0
@@ -356,3 +374,16 @@ class Engine:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.shutdown(wait=exc_type is None)
+
+
+def generate_latents(model: XARTransformer, labels: Tensor, settings: SamplingSettings, noise: NoiseSource,
+                     backend: Backend, on_evaluation: Callable[[], None] | None = None,
+                     network: NetworkFactory = EagerNetwork) -> Tensor:
+    """The latent [B, c, grid, grid] (model scale) of ``labels``, generated as one job on an engine of
+    its size, in this thread: the network calls of lockstep sampling, with the released draw order
+    when ``noise`` has one generator."""
+    rows = len(labels) * (2 if settings.plan(model.config.num_cells).guided else 1)
+    engine = Engine(model, backend, rows, (settings.steps_per_cell, settings.guidance_scale), network=network)
+    future = engine.add_job(labels, settings, noise, finish=lambda latent: latent, on_evaluation=on_evaluation)
+    engine.run_until_idle()
+    return future.result()
