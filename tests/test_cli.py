@@ -601,7 +601,7 @@ def test_latents_that_cannot_fit_in_memory_are_refused(tiny_checkpoint, tmp_path
 
 def test_a_steps_list_of_the_wrong_length_names_steps(tmp_path, capsys, no_loading):
     code, _, err = run(capsys, generate_main, ["--model", "xar-digits", "--steps", "10,8", "--output", tmp_path / "o"])
-    assert_one_line_error(code, err, "--steps 10,8 gives 2 counts, but this model makes 4 cells")
+    assert_one_line_error(code, err, "--steps must be a positive integer or a list of 4 of them (one per cell): 10,8 gives 2 counts")
     assert "num_inference_steps" not in err
 
 

@@ -122,9 +122,10 @@ class SamplingSettings:
         steps = num_inference_steps
         counts = list(steps) if isinstance(steps, (list, tuple)) else [steps]
         shown = ",".join(map(str, counts)) if names is not API_NAMES else repr(steps)
+        per_cell = "them" if num_cells is None else f"{num_cells} of them"
         if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
-            raise InvalidArgumentError(f"{names['num_inference_steps']} must be a positive integer or a list of them, "
-                                       f"one per cell, got {shown}")
+            raise InvalidArgumentError(f"{names['num_inference_steps']} must be a positive integer or a list of "
+                                       f"{per_cell} (one per cell), got {shown}")
         if max(counts) > MAX_STEPS:
             raise InvalidArgumentError(f"{names['num_inference_steps']} must be at most {MAX_STEPS} per cell (the "
                                        f"network resolves time in {MAX_STEPS} levels), got {shown}")
@@ -132,8 +133,9 @@ class SamplingSettings:
             if len(counts) == 1 and not isinstance(steps, (list, tuple)):
                 counts = counts * num_cells
             if len(counts) != num_cells:
-                raise InvalidArgumentError(f"{names['num_inference_steps']} {shown} gives {len(counts)} counts, but this "
-                                           f"model makes {num_cells} cells: give one count, or one per cell")
+                raise InvalidArgumentError(f"{names['num_inference_steps']} must be a positive integer or a list of "
+                                           f"{per_cell} (one per cell): {shown} gives {len(counts)} counts, but this "
+                                           f"model makes {num_cells} cells")
         scale = guidance_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 1:
             raise InvalidArgumentError(f"{names['guidance_scale']} must be a finite number >= 1 (1 turns guidance off), "
