@@ -184,7 +184,8 @@ class XARPipeline:
         """
         return Engine(self.transformer, resolve_backend(self.backend, self.device), max_rows,
                       (self.default_num_inference_steps, self.default_guidance_scale),
-                      finish=self._postprocess, modulation_table_bytes=modulation_table_bytes)
+                      finish=self._postprocess, check_output_type=self._check_output_type,
+                      modulation_table_bytes=modulation_table_bytes)
 
     @torch.inference_mode()
     def __call__(self, class_labels: int | str | Sequence[int | str] | torch.Tensor,

@@ -84,7 +84,8 @@ class Engine:
     ``max_rows``: the KV cache's slots, allocated up front: a call computes at most one row per slot
     (an image's conditional or unconditional half), and a request needs one slot per half for its
     whole life. ``defaults``: (steps, guidance scale) for settings a request leaves out.
-    ``finish(latent, output_type)``: turns a job's latent into its result (the pipeline decodes).
+    ``finish(latent, output_type)``: turns a job's latent into its result (the pipeline decodes), and
+    ``check_output_type`` refuses the output types it cannot make; without them results are latents.
     ``modulation_table_bytes``: the memory for per-job modulation tables; a job admitted beyond it
     computes its modulations at every call instead (same values, more weight reads).
     ``network``: makes the network-call object (``EagerNetwork``, or CUDA graphs' replaying one).
@@ -93,6 +94,7 @@ class Engine:
     def __init__(self, transformer: XARTransformer, backend: Backend, max_rows: int,
                  defaults: tuple[int | Sequence[int], float],
                  finish: Callable[[Tensor, str], Any] | None = None,
+                 check_output_type: Callable[[str], None] | None = None,
                  modulation_table_bytes: int = 256 * 2**20, network: NetworkFactory = EagerNetwork):
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise InvalidArgumentError(f"max_rows must be a positive integer (the rows one network call may hold), "
@@ -102,6 +104,7 @@ class Engine:
         self.max_rows = max_rows
         self.defaults = defaults
         self._finish = finish
+        self._check_output_type = check_output_type
         self.modulation_table_bytes = modulation_table_bytes
         self._table_bytes_used = 0
         config = transformer.config
@@ -136,6 +139,8 @@ class Engine:
             raise InvalidArgumentError(f"output_type must be one of {OUTPUT_TYPES}, got {request.output_type!r}")
         if request.output_type != "latent" and self._finish is None:
             raise InvalidArgumentError("this engine returns latents only: use output_type='latent'")
+        if self._check_output_type is not None:
+            self._check_output_type(request.output_type)
         steps, scale = self.defaults
         settings = SamplingSettings.build(
             config.num_cells, steps if request.num_inference_steps is None else request.num_inference_steps,
@@ -146,7 +151,7 @@ class Engine:
         output_type = request.output_type
 
         def finish(latent: Tensor):
-            return latent[0] if output_type == "latent" else self._finish(latent, output_type)[0]
+            return (latent if self._finish is None else self._finish(latent, output_type))[0]
 
         preview = None
         if on_cell is not None:
