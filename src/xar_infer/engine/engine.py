@@ -352,7 +352,12 @@ class Engine:
                 self._wakeup.wait_for(lambda: self._stopping or self.scheduler.has_work())
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # a bug outside any one job's work: fail what runs, keep serving
+                with self._stepping:
+                    for job in list(self.scheduler.running):
+                        self._fail(job, error)
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop the background thread. ``wait``: finish every queued request first; otherwise they
