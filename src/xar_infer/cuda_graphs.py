@@ -13,9 +13,12 @@ Which graph: a call of S cells runs in the smallest *bucket* of cells that holds
 multiples of 8 up to the 2 cells per slot a call can hold). The cells past S are padding: each sits
 at cell index 0 of a scratch slot that the cache has in addition to the engine's, so it writes and
 reads nothing of any image, and its rows of the output are dropped. Every layer computes each cell's
-rows on their own, so padding changes no image. The graph's key is the bucket, and whether the graph
-computes the modulations itself (when the caller passes none). With an attention that reads the
-metadata from device tensors (``kernels.ragged_attention``) one graph per bucket serves any cells.
+rows on their own, so padding changes no value where a kernel computes a row alike whatever rows come
+with it (oneDNN on CPU); a GPU's matrix products may round differently at another row count.
+
+The graph's key is the bucket, and whether the graph computes the modulations itself (when the caller
+passes none). With an attention that reads the metadata from device tensors
+(``kernels.ragged_attention``) one graph per bucket serves any cells.
 ``model.cached_attention``, the PyTorch reference, loops on the host over the groups of cells at each
 cell index, and a capture bakes that loop in: for it the key also holds how many cells sit at each
 index (``keys_by_cells``). Same images, more captures.
@@ -59,7 +62,7 @@ def keys_by_cells(ops: BlockOps) -> bool:
     ``model.cached_attention`` runs one attention per cell index of ``CellBatch.groups``, host data
     that a capture fixes. Only ``kernels.ragged_attention``, which reads the slots, cells and row
     starts from device tensors, is known to replay with other cells; any other attention is keyed by
-    cells too (correct, with more captures).
+    cells too (correct, with more captures). A graph keyed by bucket alone gets a batch with no groups.
     """
     if ops.attention is cached_attention:
         return True
@@ -115,8 +118,8 @@ class GraphedNetwork:
     cells. ``capture=False`` runs every "replay" eagerly on the same buffers (the only choice off
     CUDA; it tests the bookkeeping). ``key_by_cells``: see ``keys_by_cells``, which decides when None.
     ``graphs``: the captured calls by key: (bucket, computes the modulations), and when keyed by
-    cells, ((cell index, count), ...) in the order of ``CellBatch.groups``, padding counted at cell 0. A call of more cells than the largest bucket (no
-    engine makes one) runs eagerly on the same cache.
+    cells, ((cell index, count), ...) in the order of ``CellBatch.groups``, padding counted at cell 0.
+    A call of more cells than the largest bucket (no engine makes one) runs eagerly on the same cache.
     """
 
     def __init__(self, model: XARTransformer, ops: BlockOps, num_slots: int, capture: bool = True,
@@ -222,7 +225,8 @@ class GraphedNetwork:
 
     def matches(self, model: XARTransformer, ops: BlockOps, num_slots: int) -> bool:
         """Whether an engine of ``num_slots`` slots on ``model`` and ``ops`` can use this network."""
-        return model is self.model and ops is self.ops and num_slots <= self.num_slots and _weights(model) == self._weights
+        return (model is self.model and ops is self.ops and num_slots <= self.num_slots
+                and _weights(model) == self._weights)
 
     @property
     def leased(self) -> bool:
@@ -275,7 +279,8 @@ class CUDAGraphs:
                 gc.collect()  # an engine gone in a reference cycle (a failed call's traceback) still holds one
                 free = self._free(model, ops, num_slots)
             if free is None:
-                self._networks = [n for n in self._networks if n.leased]  # free the old graphs before capturing new ones
+                # Free the old graphs before capturing new ones.
+                self._networks = [n for n in self._networks if n.leased]
                 free = GraphedNetwork(model, ops, num_slots, self.capture, lock=self._lock)
                 self._networks.append(free)
             return free.lease()
