@@ -1,43 +1,96 @@
-"""Network calls replayed from CUDA graphs, so that small batches are not bound by kernel launches.
+"""The engine's network calls replayed from CUDA graphs, so that small calls are not bound by kernel launches.
 
-At batch 1 a network call of xAR-B is a few hundred small kernels, and on a GPU launching them takes
-far longer than running them. But a generation call makes only a few kinds of network call, and every
-call of one kind has the same shapes and reads and writes the same cache positions: for each cell, the
-first call (the previous cell, clean, then this one) and the later ones, each for the conditional rows
-or both guidance halves. So each kind is captured once as a CUDA graph and then replayed, with its
-inputs (the noisy cell, the previous cell, the flow time) copied into static buffers first.
+At a few images per call a network call of xAR-B is a few hundred small kernels, and on a GPU launching
+them takes longer than running them. A CUDA graph records the kernels of one call once and replays
+them with one launch; but it also records every address and every host-side number it was captured
+with. So :class:`GraphedNetwork`, the second implementation of the engine's network-call protocol
+(``engine.EagerNetwork`` is the first), owns everything its graphs read and write, at fixed
+addresses: the call's tokens, the per-cell metadata of its ``CellBatch`` as device tensors (slots,
+cells, row starts, labels, times), each block's modulation, and the KV cache. A call copies its
+inputs there, replays a graph, and returns a copy of the graph's output.
 
-A graph records the addresses it reads and writes, so the buffers, the KV cache and the modulation
-table belong to a :class:`CUDAGraphs` object and outlive a generation call: the next call with the same
-model, batch and time grid reuses every graph. Anything else rebuilds them. A lock keeps two threads
-from sharing the buffers; give each pipeline its own object.
+Which graph: a call of S cells runs in the smallest *bucket* of cells that holds it (1, 2, 4, then
+multiples of 8 up to the 2 cells per slot a call can hold). The cells past S are padding: each sits
+at cell index 0 of a scratch slot that the cache has in addition to the engine's, so it writes and
+reads nothing of any image, and its rows of the output are dropped. Every layer computes each cell's
+rows on their own, so padding changes no value where a kernel computes a row alike whatever rows come
+with it (oneDNN on CPU); a GPU's matrix products may round differently at another row count.
 
-Replays run the very kernels of the eager call on the same values, so the images are identical.
+The graph's key is the bucket, and whether the graph computes the modulations itself (when the caller
+passes none). With an attention that reads the metadata from device tensors
+(``kernels.ragged_attention``) one graph per bucket serves any cells.
+``model.cached_attention``, the PyTorch reference, loops on the host over the groups of cells at each
+cell index, and a capture bakes that loop in: for it the key also holds how many cells sit at each
+index (``keys_by_cells``). Same images, more captures.
+
+The buffers and the graphs outlive an engine: :class:`CUDAGraphs` (one per pipeline) hands the same
+network to the next engine made for the same model. Its KV cache holds an engine's images between
+calls, so two engines alive at once get a network each.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
-from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+import weakref
+from itertools import accumulate, chain, count
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .errors import InvalidArgumentError
-from .model import BlockOps, XARTransformer
-from .engine.engine import ModulationTable
+from .model import BlockOps, CellBatch, XARTransformer, cached_attention
+
+
+def bucket_sizes(max_cells: int) -> list[int]:
+    """The cell counts that calls are padded to: 1, 2, 4, then multiples of 8, the last one >= ``max_cells``.
+
+    Multiples of 8 waste at most 7 padding cells at the sizes where compute dominates; below 8 a call
+    is bound by launches anyway, and powers of two keep the graphs of single images few.
+    """
+    sizes = []
+    for size in chain((1, 2, 4), count(8, 8)):
+        sizes.append(size)
+        if size >= max_cells:
+            return sizes
+
+
+def keys_by_cells(ops: BlockOps) -> bool:
+    """Whether a graph of ``ops`` must be keyed by the count of cells at each index, not only by its bucket.
+
+    ``model.cached_attention`` runs one attention per cell index of ``CellBatch.groups``, host data
+    that a capture fixes. Only ``kernels.ragged_attention``, which reads the slots, cells and row
+    starts from device tensors, is known to replay with other cells; any other attention is keyed by
+    cells too (correct, with more captures). A graph keyed by bucket alone gets a batch with no groups.
+    """
+    if ops.attention is cached_attention:
+        return True
+    try:
+        from . import kernels
+    except ImportError:  # no triton
+        return True
+    return ops.attention is not getattr(kernels, "ragged_attention", None)
+
+
+def _weights(model: XARTransformer) -> tuple:
+    """What the graphs' addresses depend on. Moving or casting the model replaces every parameter and
+    (through ``XARTransformer._apply``) the RoPE tables; loading with ``assign=True`` replaces the weights."""
+    weight = model.z_proj.weight
+    return weight.device, weight.dtype, weight.data_ptr(), model.rope_cos.data_ptr(), model.rope_sin.data_ptr()
 
 
 class _Graph:
     """One captured call: ``replay()`` reruns its kernels, which leave the result in ``output``."""
 
     def __init__(self, fn: Callable[[], Tensor], capture: bool, pool):
+        self.replays = 0
         if not capture:
             # Off CUDA the same function reruns eagerly on the same buffers: how the bookkeeping is tested.
             self.graph, self.fn, self.output = None, fn, None
             return
-        # Warm up on a side stream first, as capture requires: Triton compiles, cuBLAS sets up.
+        # Warm up on a side stream first, as capture requires: Triton compiles, cuBLAS sets up. The
+        # warm-up writes the cache as the replay will, with the same values.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -49,6 +102,7 @@ class _Graph:
             self.output = fn()
 
     def replay(self) -> Tensor:
+        self.replays += 1
         if self.graph is None:
             self.output = self.fn()
         else:
@@ -56,128 +110,191 @@ class _Graph:
         return self.output
 
 
-class _GraphedCalls:
-    """Static inputs, cache and graphs for one (model, batch labels, time grid, block ops) setting."""
+class GraphedNetwork:
+    """The network-call protocol of ``engine.EagerNetwork``, ``network(x, batch, modulations)`` ->
+    velocities [S, T, C], replayed from CUDA graphs on buffers this object owns.
 
-    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops: BlockOps,
-                 capture: bool):
-        config, device = model.config, labels.device
-        rows = len(labels)
+    ``num_slots``: the engine's cache slots; the cache has one more, the scratch slot of padding
+    cells. ``capture=False`` runs every "replay" eagerly on the same buffers (the only choice off
+    CUDA; it tests the bookkeeping). ``key_by_cells``: see ``keys_by_cells``, which decides when None.
+    ``graphs``: the captured calls by key: (bucket, computes the modulations), and when keyed by
+    cells, ((cell index, count), ...) in the order of ``CellBatch.groups``, padding counted at cell 0.
+    A call of more cells than the largest bucket (no engine makes one) runs eagerly on the same cache.
+    """
+
+    def __init__(self, model: XARTransformer, ops: BlockOps, num_slots: int, capture: bool = True,
+                 key_by_cells: bool | None = None, lock: threading.Lock | None = None):
+        if capture and model.device.type != "cuda":
+            raise InvalidArgumentError(f"CUDA graphs need the model on a CUDA device, not {model.device.type}; "
+                                       "turn them off (pipe.disable_cuda_graphs(), or drop --cuda-graphs)")
+        config, device, dtype = model.config, model.device, model.dtype
         self.model, self.ops, self.capture = model, ops, capture
-        # A moved or re-cast model has new weight tensors, which the graphs would not read.
-        self.weight_ptr = model.z_proj.weight.data_ptr()
-        self.times = tuple(times)
-        self.labels = labels.clone()
-        self.cache = model.new_cache(rows)
-        cell = (rows, config.tokens_per_cell, config.token_channels)
-        self.x = torch.zeros(cell, dtype=model.z_proj.weight.dtype, device=device)
-        self.prefix = torch.zeros_like(self.x)
-        # The time is read only without a modulation table (the call then computes the modulation).
-        self.t = torch.zeros(rows, dtype=torch.float64, device=device)
-        # Columns of the modulation table: [time] for a later call, [0, time] for a cell's first call.
-        self.time_index = torch.zeros(2, dtype=torch.long, device=device)
-        self.table = None
-        if ModulationTable.fits(model, rows, len(times)):
-            self.table = torch.zeros(config.num_layers, rows, len(times), 6 * config.dim, dtype=self.x.dtype, device=device)
-        self.column = {t: i for i, t in enumerate(self.times)}
+        self.num_slots = num_slots
+        self.key_by_cells = keys_by_cells(ops) if key_by_cells is None else key_by_cells
+        self.buckets = bucket_sizes(2 * num_slots)  # a call holds at most two cells of a slot
+        size = self.buckets[-1]
+        self.cache = model.new_cache(num_slots + 1)
+        self.scratch_slot = num_slots
+        self.x = torch.zeros(size, config.tokens_per_cell, config.token_channels, dtype=dtype, device=device)
+        # Slots, cells, row starts and labels in one tensor, filled by one copy per call. Padding cells
+        # are rows of their own at cell 0 of the scratch slot, of the null class at t=0.
+        self.metadata = torch.zeros(4, size, dtype=torch.long, device=device)
+        self.padding = torch.stack([torch.full((size,), self.scratch_slot), torch.zeros(size, dtype=torch.long),
+                                    torch.arange(size), torch.full((size,), model.null_class)]).to(device)
+        self.times = torch.zeros(size, dtype=torch.float64, device=device)
+        # Keyed by cells: the cells of each group, group after group (cached_attention's index lists).
+        self.order = torch.zeros(size, dtype=torch.long, device=device)
+        self.modulations = torch.zeros(config.num_layers, size, 1, 6 * config.dim, dtype=dtype, device=device)
+        self.graphs: dict[tuple, _Graph] = {}
+        # The graphs of one network share a memory pool: they replay one at a time.
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.graphs: dict[tuple[int, bool, int], _Graph] = {}
+        self._lock = lock or threading.Lock()
+        self._weights = _weights(model)
+        self._lease: weakref.ref | None = None
 
-    def matches(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops: BlockOps) -> bool:
-        weight = model.z_proj.weight
-        return (model is self.model and weight.data_ptr() == self.weight_ptr and weight.dtype == self.x.dtype
-                and ops is self.ops and tuple(times) == self.times and labels.shape == self.labels.shape
-                and labels.device == self.labels.device)
+    def bucket(self, num_cells: int) -> int | None:
+        """The padded size of a call of ``num_cells`` cells; None past the largest bucket."""
+        return next((size for size in self.buckets if size >= num_cells), None)
 
-    def refill(self, labels: Tensor) -> None:
-        """Start a generation call for ``labels`` (same count as before): new modulations, empty cache."""
-        self.labels.copy_(labels)
-        if self.table is not None:
-            self.table.copy_(torch.stack(ModulationTable(self.model, labels, self.times, self.ops).per_block))
-            self.time_index[0].fill_(self.column[0.0])  # a cell's first call also runs the previous cell at t=0
-        self.cache.length = 0
+    def _groups(self, batch: CellBatch, bucket: int) -> tuple[tuple[tuple[int, int], ...], list[Tensor]]:
+        """((cell index, count), ...) and the index lists of the padded batch: ``batch.groups`` with the
+        padding cells joining those at cell 0. Counts come from shapes: no value is read from the device."""
+        counts = [(int(cell), len(index)) for cell, index in batch.groups]
+        parts = [index for _, index in batch.groups]
+        padding = bucket - len(batch)
+        if padding:
+            at = next((i for i, (cell, _) in enumerate(counts) if cell == 0), None)
+            if at is None:
+                counts.insert(0, (0, padding))
+                parts.insert(0, self.padding[2, len(batch):bucket])
+            else:
+                counts[at] = (0, counts[at][1] + padding)
+                parts.insert(at + 1, self.padding[2, len(batch):bucket])
+        return tuple(counts), parts
 
-    def _graph(self, rows: int, with_prefix: bool) -> _Graph:
-        start = self.cache.length
-        key = (rows, with_prefix, start)
-        if key not in self.graphs:
-            def forward() -> Tensor:
-                self.cache.length = start  # the model moves it on commit; replays do not run Python
-                modulations = None
-                if self.table is not None:
-                    columns = self.time_index[:2] if with_prefix else self.time_index[1:]
-                    modulations = list(self.table[:, :rows].index_select(2, columns).unbind(0))
-                return self.model(self.x[:rows], self.labels[:rows], self.t[:rows], self.cache,
-                                  prefix=self.prefix[:rows] if with_prefix else None, ops=self.ops,
-                                  modulations=modulations)
+    def __call__(self, x: Tensor, batch: CellBatch, modulations: list[Tensor] | None) -> Tensor:
+        S = len(batch)
+        with self._lock:
+            self._check_model()
+            bucket = self.bucket(S)
+            if bucket is None:
+                return self.model(x, batch, self.cache, self.ops, modulations)
+            computes = modulations is None
+            counts, parts = self._groups(batch, bucket) if self.key_by_cells else (None, None)
+            key = (bucket, computes) if counts is None else (bucket, computes, counts)
+            # Few launches here: at small batches they are what is left of a call's cost besides the replay.
+            self.x[:S].copy_(x)
+            self.metadata[:, :S].copy_(torch.stack((batch.slots, batch.cells, batch.row_starts, batch.labels)))
+            self.times[:S].copy_(batch.times)
+            if bucket > S:
+                self.metadata[:, S:bucket].copy_(self.padding[:, S:bucket])
+                self.times[S:bucket].zero_()
+            if not computes:
+                self.modulations[:, :S].copy_(torch.stack(modulations))
+            if parts is not None:
+                self.order[:bucket].copy_(torch.cat(parts))
+            graph = self.graphs.get(key)
+            if graph is None:
+                graph = self.graphs[key] = _Graph(self._forward(bucket, counts, computes), self.capture, self.pool)
+            # The graphs share one memory pool, so the next replay of any of them may overwrite this output.
+            return graph.replay()[:S].clone()
 
-            self.graphs[key] = _Graph(forward, self.capture, self.pool)
-            self.cache.length = start
-        return self.graphs[key]
+    def _forward(self, bucket: int, counts: tuple[tuple[int, int], ...] | None, computes_modulations: bool):
+        """The call a graph captures: the model on the first ``bucket`` rows of every buffer."""
+        slots, cells, row_starts, labels = self.metadata[:, :bucket]
+        groups = ()
+        if counts is not None:
+            starts = accumulate((n for _, n in counts), initial=0)
+            groups = tuple((cell, self.order[start:start + n]) for (cell, n), start in zip(counts, starts))
+        batch = CellBatch(slots, cells, row_starts, labels, self.times[:bucket], groups)
+        x = self.x[:bucket]
+        modulations = None if computes_modulations else list(self.modulations[:, :bucket].unbind(0))
+        return lambda: self.model(x, batch, self.cache, self.ops, modulations)
 
-    def __call__(self, x: Tensor, t: float, rows: int, prefix: Tensor | None) -> Tensor:
-        """As ``sampling.NetworkCalls.__call__``."""
-        # Few launches here: at batch 1 they are what is left of a call's cost besides the replay.
-        copies = rows // len(x)
-        self.x[:rows].view(copies, *x.shape).copy_(x.expand(copies, *x.shape))
-        if prefix is not None:
-            self.prefix[:rows].view(copies, *prefix.shape).copy_(prefix.expand(copies, *prefix.shape))
-        if self.table is None:
-            self.t[:rows].fill_(t)
-        else:
-            self.time_index[1].fill_(self.column[t])
-        start = self.cache.length
-        output = self._graph(rows, prefix is not None).replay()
-        self.cache.length = start + (0 if prefix is None else prefix.shape[1])
-        # The graphs share one memory pool, so the next replay of any of them may overwrite this output.
-        return output.clone()
+    def _check_model(self) -> None:
+        now = _weights(self.model)
+        if now == self._weights:
+            return
+        if now[:2] != self._weights[:2]:
+            device, dtype = self._weights[:2]
+            raise InvalidArgumentError(f"the transformer was moved or cast after this engine was made: its CUDA "
+                                       f"graphs and KV cache are for {device} {str(dtype).removeprefix('torch.')}; "
+                                       "make a new engine")
+        self.graphs.clear()  # new weight tensors in the same place: capture again, keep the cache
+        self._weights = now
+
+    def matches(self, model: XARTransformer, ops: BlockOps, num_slots: int) -> bool:
+        """Whether an engine of ``num_slots`` slots on ``model`` and ``ops`` can use this network."""
+        return (model is self.model and ops is self.ops and num_slots <= self.num_slots
+                and _weights(model) == self._weights)
+
+    @property
+    def leased(self) -> bool:
+        """Whether an engine still holds this network (its KV cache then holds that engine's images)."""
+        return self._lease is not None and self._lease() is not None
+
+    def lease(self) -> "_Lease":
+        lease = _Lease(self)
+        self._lease = weakref.ref(lease)
+        return lease
+
+
+class _Lease:
+    """What an engine holds: the network's calls, and the network itself for as long as it lives."""
+
+    def __init__(self, network: GraphedNetwork):
+        self.network = network
+        self.cache = network.cache
+
+    def __call__(self, x: Tensor, batch: CellBatch, modulations: list[Tensor] | None) -> Tensor:
+        return self.network(x, batch, modulations)
 
 
 class CUDAGraphs:
-    """The captured network calls of one pipeline, kept for its next generation calls.
+    """The graphed networks of one pipeline, kept for its next engines. ``network`` is the factory
+    that ``Engine(network=...)`` and ``generate_latents(network=...)`` take.
 
-    ``capture=False`` runs the same static-buffer calls eagerly (the only choice off CUDA); it exists so
-    that the bookkeeping can be tested without a GPU.
+    An engine holds its network while it lives; the next engine for the same model and ops, with
+    no more slots, gets it back with every graph captured so far. An engine made while another
+    still holds one gets a network of its own. Making a network frees the ones no engine holds.
+    Calls and captures of one ``CUDAGraphs`` take turns (one lock). ``capture=False`` runs the
+    same static-buffer calls eagerly (the only choice off CUDA), to test the bookkeeping.
 
     Example::
 
         graphs = CUDAGraphs()
-        latent = generate_tokens(model, labels, 25, 3.0, noise, cuda_graphs=graphs)  # captures
-        latent = generate_tokens(model, labels, 25, 3.0, noise, cuda_graphs=graphs)  # replays only
+        engine = Engine(model, backend, max_rows=16, defaults=(25, 3.0), network=graphs.network)
     """
 
     def __init__(self, capture: bool = True):
         self.capture = capture
-        self._calls: _GraphedCalls | None = None
+        self._networks: list[GraphedNetwork] = []
         self._lock = threading.Lock()
 
-    def reset(self) -> None:
-        """Free every graph and buffer; the next call captures anew."""
+    def network(self, model: XARTransformer, ops: BlockOps, num_slots: int) -> _Lease:
+        """The network for an engine of ``num_slots`` cache slots: a free matching one, or a new one."""
         with self._lock:
-            self._calls = None
+            free = self._free(model, ops, num_slots)
+            if free is None and any(n.leased for n in self._networks):
+                gc.collect()  # an engine gone in a reference cycle (a failed call's traceback) still holds one
+                free = self._free(model, ops, num_slots)
+            if free is None:
+                # Free the old graphs before capturing new ones.
+                self._networks = [n for n in self._networks if n.leased]
+                free = GraphedNetwork(model, ops, num_slots, self.capture, lock=self._lock)
+                self._networks.append(free)
+            return free.lease()
+
+    def _free(self, model: XARTransformer, ops: BlockOps, num_slots: int) -> GraphedNetwork | None:
+        return next((n for n in self._networks if not n.leased and n.matches(model, ops, num_slots)), None)
+
+    def reset(self) -> None:
+        """Free every graph, and the networks no engine holds; the next call captures anew."""
+        with self._lock:
+            for network in self._networks:
+                network.graphs.clear()
+            self._networks = [n for n in self._networks if n.leased]
 
     @property
     def num_graphs(self) -> int:
-        return 0 if self._calls is None else len(self._calls.graphs)
-
-    @contextmanager
-    def session(self, model: XARTransformer, labels: Tensor, times: Sequence[float],
-                ops: BlockOps) -> Iterator[_GraphedCalls]:
-        """The network calls of one generation call for the batch ``labels`` (both guidance halves)."""
-        if self.capture and labels.device.type != "cuda":
-            raise InvalidArgumentError(f"CUDA graphs need the model on a CUDA device, not {labels.device.type}; "
-                             "turn them off (pipe.disable_cuda_graphs(), or drop --cuda-graphs)")
-        # Another thread's call waits: both would write the same static buffers.
-        self._lock.acquire()
-        try:
-            calls = self._calls
-            if calls is None or not calls.matches(model, labels, times, ops):
-                self._calls = None  # free the old graphs before capturing new ones
-                calls = self._calls = _GraphedCalls(model, labels, times, ops, self.capture)
-            calls.refill(labels)
-            yield calls
-        except BaseException:
-            self._calls = None  # a failed capture or an interrupted call leaves nothing to trust
-            raise
-        finally:
-            self._lock.release()
+        return sum(len(n.graphs) for n in self._networks)

@@ -19,7 +19,7 @@ from .imagenet import resolve_class_labels
 from .loading import load_pretrained
 from .memory import require_memory
 from .model import XARTransformer
-from .engine import Engine
+from .engine import EagerNetwork, Engine
 from .engine.engine import generate_latents
 from .engine.engine import OUTPUT_TYPES
 from .sampling import NoiseSource
@@ -137,10 +137,12 @@ class XARPipeline:
         """Replay the transformer's calls from CUDA graphs: same images, far fewer kernel launches, which
         is what limits small batches on a GPU.
 
-        The first call for a batch size, step count and sampler captures one graph per kind of call
-        (7 kinds with the released settings, each costing a few network calls' time); later calls
-        with the same settings only replay them. The graphs keep their own KV cache and inputs on the GPU until
-        ``disable_cuda_graphs()``. Concurrent calls on one pipeline take turns.
+        A network call is padded to a bucket of cells and replays that bucket's graph (with the PyTorch
+        attention, one graph per count of cells at each cell index), captured the first time, at the
+        cost of a few network calls; later calls and engines (``pipe.engine()``) replay them. The graphs
+        keep their own KV cache and inputs on the GPU until ``disable_cuda_graphs()``
+        (``xar_infer.cuda_graphs``). A padded call can round differently from the eager one, as a GPU's
+        matrix products may at another row count: then images agree to rounding, not bit for bit.
 
         Example::
 
@@ -158,6 +160,11 @@ class XARPipeline:
     def disable_cuda_graphs(self) -> None:
         """Run the transformer's calls eagerly again and free the graphs and their memory."""
         self._cuda_graphs = None
+
+    @property
+    def _network(self):
+        """The network-call factory of this pipeline's engines (``engine.NetworkFactory``)."""
+        return EagerNetwork if self._cuda_graphs is None else self._cuda_graphs.network
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options for the tqdm progress bar, e.g. ``disable=True``."""
@@ -185,7 +192,7 @@ class XARPipeline:
         return Engine(self.transformer, resolve_backend(self.backend, self.device), max_rows,
                       (self.default_num_inference_steps, self.default_guidance_scale),
                       finish=self._postprocess, check_output_type=self._check_output_type,
-                      modulation_table_bytes=modulation_table_bytes)
+                      modulation_table_bytes=modulation_table_bytes, network=self._network)
 
     @torch.inference_mode()
     def __call__(self, class_labels: int | str | Sequence[int | str] | torch.Tensor,
@@ -230,7 +237,7 @@ class XARPipeline:
         noise = NoiseSource(generator, len(labels), self.device)  # checks the generators before the progress bar shows
         with tqdm(**{"total": plan.num_evaluations, "unit": "eval", **self._progress_bar_config}) as progress:
             latent = generate_latents(self.transformer, labels, settings, noise, backend,
-                                      on_evaluation=lambda: progress.update(1))
+                                      on_evaluation=lambda: progress.update(1), network=self._network)
         images = self._postprocess(latent, output_type, vae_tile_size, vae_tile_overlap)
         return XARPipelineOutput(images) if return_dict else (images,)
 
