@@ -165,16 +165,28 @@ def _ragged_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < tokens_per_cell
     d_mask = offs_d < HEAD_DIM
+    mask = m_mask[:, None] & d_mask[None, :]
     positions = cell * tokens_per_cell + offs_m
-    q_ptrs = Q + s * stride_qs + h * stride_qh + offs_m[:, None] * stride_qn
-    q = _load_rotated(q_ptrs, positions, m_mask, COS, SIN, stride_rope, offs_d, d_mask, BLOCK_M, BLOCK_D).to(dtype)
+    cos = tl.load(COS + positions[:, None] * stride_rope + offs_d[None, :], mask=mask, other=0.0)
+    sin = tl.load(SIN + positions[:, None] * stride_rope + offs_d[None, :], mask=mask, other=0.0)
+    q = tl.load(Q + s * stride_qs + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask, other=0.0)
+    q = _rotate(q.to(tl.float32), cos, sin, BLOCK_M, BLOCK_D).to(dtype)  # rounded as the reference's queries
+
+    # This program's tokens enter the slot's cache first, rotated by the same tables. No program of this
+    # launch reads them there: a reader of this slot reads the cache only below its row's first cell and
+    # takes the row's tokens from the inputs.
+    cache_k = CACHE_K + slot * stride_cb + h * stride_ch
+    cache_v = CACHE_V + slot * stride_cb + h * stride_ch
+    k_new = tl.load(K + s * stride_ks + h * stride_kh + offs_m[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+    v_new = tl.load(V + s * stride_vs + h * stride_vh + offs_m[:, None] * stride_vn + offs_d[None, :], mask=mask)
+    rows = positions[:, None] * stride_cn + offs_d[None, :]
+    tl.store(cache_k + rows, _rotate(k_new.to(tl.float32), cos, sin, BLOCK_M, BLOCK_D).to(dtype), mask=mask)
+    tl.store(cache_v + rows, v_new, mask=mask)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    cache_k = CACHE_K + slot * stride_cb + h * stride_ch
-    cache_v = CACHE_V + slot * stride_cb + h * stride_ch
     for start_n in range(0, cache_len, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < cache_len
@@ -204,17 +216,7 @@ def _ragged_attention_kernel(
 
     out = acc / l_i[:, None]
     out_ptrs = OUT + s * stride_os + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(out_ptrs, out.to(dtype), mask=m_mask[:, None] & d_mask[None, :])
-
-    # This program's tokens enter the slot's cache. No program of this launch reads them there: a
-    # reader of this slot reads the cache only below its row's first cell and takes the row from the inputs.
-    mask = m_mask[:, None] & d_mask[None, :]
-    k_new = _load_rotated(K + s * stride_ks + h * stride_kh + offs_m[:, None] * stride_kn, positions, m_mask, COS, SIN,
-                          stride_rope, offs_d, d_mask, BLOCK_M, BLOCK_D)
-    v_new = tl.load(V + s * stride_vs + h * stride_vh + offs_m[:, None] * stride_vn + offs_d[None, :], mask=mask)
-    rows = positions[:, None] * stride_cn + offs_d[None, :]
-    tl.store(cache_k + rows, k_new.to(dtype), mask=mask)
-    tl.store(cache_v + rows, v_new, mask=mask)
+    tl.store(out_ptrs, out.to(dtype), mask=mask)
 
 
 @triton.jit
