@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 
 # First match wins; names are lower-cased.
 CATEGORIES = [
-    ("attention (Triton)", ("_block_causal_attention_kernel",)),
+    ("attention (Triton)", ("_block_causal_attention_kernel", "_ragged_attention_kernel")),
     ("RoPE + cache write (Triton)", ("_rotate_into_cache",)),
     ("norm + modulation (Triton)", ("_rms_norm_modulate",)),
     ("gated residual (Triton)", ("_gated_residual",)),

@@ -1,6 +1,7 @@
 """What the attention kernels compile to on a GPU, without a GPU: registers, spills, shared memory and
 how global memory is read, for the fused kernel in each launch configuration that ``launch_config``
-picks and for the SDPA route's RoPE and cache-write kernel.
+picks, for the SDPA route's RoPE and cache-write kernel, and for the continuous-batching kernel
+(``ragged_attention``, cells of 64 tokens) in both launch families.
 
     python benchmarks/kernel_resources.py                          # sm_90 (H100/H200), bf16, head dims 64 and 80
     python benchmarks/kernel_resources.py --arch 80 --dtype fp32   # another GPU or dtype
@@ -45,6 +46,8 @@ def compile_kernel(kernel, arch: int, dtype: str, constexprs: dict, launch: dict
             signature[name] = "constexpr"
         elif name in ("COS", "SIN"):
             signature[name], aligned = "*fp32", aligned + [name]
+        elif name in ("SLOTS", "CELLS", "ROW_STARTS"):  # ragged_attention's segment tables (int32 or int64)
+            signature[name], aligned = "*i32", aligned + [name]
         elif name.isupper():  # the other tensors: q, k, v, the cache, the output
             signature[name], aligned = f"*{dtype}", aligned + [name]  # run.py's dtype names are Triton's
         elif name == "qk_scale":
@@ -68,6 +71,15 @@ def compile_attention(arch: int, dtype: str, head_dim: int, config: dict):
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": channel_block(head_dim), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     return compile_kernel(_block_causal_attention_kernel, arch, dtype, constexprs, config)
+
+
+def compile_ragged_attention(arch: int, dtype: str, head_dim: int, config: dict):
+    """The continuous-batching attention kernel compiled for ``arch`` with ``config``, int32 segment tables."""
+    from xar_infer.kernels.attention import _ragged_attention_kernel, channel_block
+
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": channel_block(head_dim), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    return compile_kernel(_ragged_attention_kernel, arch, dtype, constexprs, config)
 
 
 def compile_rotate_into_cache(arch: int, dtype: str, head_dim: int):
@@ -128,6 +140,13 @@ def main(argv=None) -> None:
                **describe(compile_rotate_into_cache(args.arch, args.dtype, head_dim))}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        # One segment's queries per program whatever the row: either step of a cell is the same kernel.
+        for programs in args.programs.split(","):
+            config = launch_config(CELL, head_dim, DTYPES[args.dtype], 2 if programs == "few" else 4096)
+            row = {"kernel": "ragged attention", "head_dim": head_dim, "programs": programs, "step": "any", "config": config,
+                   **describe(compile_ragged_attention(args.arch, args.dtype, head_dim, config))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
     name = args.name or f"kernel-resources-sm{args.arch}-{args.dtype}"
     args.out_dir.mkdir(parents=True, exist_ok=True)

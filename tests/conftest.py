@@ -15,6 +15,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Where pipeline-level tests of the Triton backend run: compiled kernels need CUDA tensors.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The dtypes the kernel tests cover (tests/kernels): bf16 on a GPU only, because Triton's interpreter
+# casts fp32 to bf16 by truncation, where PyTorch and compiled kernels round to nearest (triton 3.9).
+TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if TRITON_DEVICE == "cuda" else [])
 
 from xar_infer.config import XARConfig
 from xar_infer.loading import released_buffers

@@ -172,6 +172,7 @@ def test_kernel_profile_sorts_kernel_names_into_categories():
     assert category("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "matrix products"
     assert category("mkldnn::_linear_pointwise") == "matrix products"  # fp32 linear layers on CPU
     assert category("_block_causal_attention_kernel") == "attention (Triton)"
+    assert category("_ragged_attention_kernel") == "attention (Triton)"
     assert category("_rotate_into_cache_kernel") == "RoPE + cache write (Triton)"
     assert category("pytorch_flash::flash_fwd_kernel<...>") == "attention (PyTorch)"
     assert category("_rms_norm_modulate_kernel") == "norm + modulation (Triton)"
@@ -197,12 +198,14 @@ def test_kernel_profile_runs_on_cpu(tmp_path):
 def test_attention_kernels_compile_for_hopper_with_vector_loads_only(tmp_path):
     """Compiled for sm_90 without a GPU (Triton's own LLVM and ptxas): every global read is a 16-byte
     vector load and nothing spills, for the fused kernel in the launch configuration of a later step
-    with many programs and for the SDPA route's RoPE and cache-write kernel."""
+    with many programs, for the SDPA route's RoPE and cache-write kernel, and for the continuous-batching
+    kernel with many programs, whose only other reads are its segment's four table entries."""
     subprocess.run([sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dims", "64", "--programs", "many",
                     "--out-dir", str(tmp_path), "--name", "smoke"], check=True, capture_output=True, timeout=600)
     rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
     later = next(r for r in rows if r["kernel"] == "fused attention" and r["step"] == "later")
     rotate = next(r for r in rows if r["kernel"] == "rotate into cache")
-    for row in (later, rotate):
-        assert row["vector_loads"] > 0 and row["scalar_loads"] == 0
+    ragged = next(r for r in rows if r["kernel"] == "ragged attention")
+    for row, table_reads in ((later, 0), (rotate, 0), (ragged, 4)):  # slot, cell, row start, the row's first cell
+        assert row["vector_loads"] > 0 and row["scalar_loads"] == table_reads
         assert row["spill_store_bytes"] == 0 and 0 < row["registers"] <= 255

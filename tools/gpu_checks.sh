@@ -28,7 +28,7 @@ case "${1:-}" in
   tests)
     # pytest-xdist, where installed, spreads the Triton compilations over the CPU cores.
     parallel=$($python -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-    $python -m pytest -q -rs $parallel tests/test_kernels.py tests/test_vae.py tests/test_backends.py \
+    $python -m pytest -q -rs $parallel tests/kernels tests/test_vae.py tests/test_backends.py \
       tests/test_pipeline.py tests/test_cuda_graphs.py tests/test_parity.py tests/test_parity_cuda.py \
       2>&1 | tee "$results/$gpu-tests.log"
     copy_out "$results/$gpu-tests.log"
