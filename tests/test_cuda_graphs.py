@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from xar_infer.backends import TORCH, Backend, onednn_linear, resolve_backend
+from xar_infer.backends import TORCH, Backend, onednn_linear, resolve_backend, triton_available
 from xar_infer.cuda_graphs import CUDAGraphs, GraphedNetwork, bucket_sizes, keys_by_cells
 from xar_infer.engine import EagerNetwork, Engine, GenerationRequest
 from xar_infer.engine.engine import generate_latents
@@ -25,7 +25,7 @@ from xar_infer.model import BlockOps, CellBatch, apply_rope
 from xar_infer.sampling import NoiseSource, flow_step
 from xar_infer.settings import SamplingSettings
 
-from conftest import random_transformer
+from conftest import TRITON_DEVICE, random_transformer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (real captures)")
 
@@ -167,13 +167,13 @@ def test_bucket_sizes(max_cells, sizes):
     assert bucket_sizes(max_cells) == sizes
 
 
-def test_the_key_holds_the_cells_unless_the_attention_reads_device_metadata(monkeypatch):
-    """cached_attention loops over CellBatch.groups on the host; only the ragged kernel is known not
-    to; an attention nobody vouched for is keyed by cells."""
+def test_the_key_holds_the_cells_unless_the_attention_reads_device_metadata():
+    """cached_attention loops over CellBatch.groups on the host; an attention that says it reads only
+    device tensors (the Triton backend's ragged kernel) is keyed by bucket alone."""
     assert keys_by_cells(TORCH.ops) and keys_by_cells(MASKED.ops)
-    kernels = pytest.importorskip("xar_infer.kernels")  # needs triton
-    monkeypatch.setattr(kernels, "ragged_attention", masked_attention, raising=False)
-    assert not keys_by_cells(MASKED.ops) and keys_by_cells(TORCH.ops)
+    assert not keys_by_cells(BlockOps(attention=masked_attention, attention_uses_groups=False))
+    if triton_available():
+        assert not keys_by_cells(resolve_backend("triton", TRITON_DEVICE).ops)
 
 
 @pytest.mark.parametrize("labels, keys", [

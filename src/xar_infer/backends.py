@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from .errors import InvalidArgumentError
 from .model import BlockOps
-from .model import cached_attention
 from .sampling import flow_step
 
 BACKENDS = ("auto", "torch", "triton")
@@ -74,27 +73,17 @@ def onednn_linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
 TORCH = Backend("torch", BlockOps(linear=onednn_linear), flow_step)
 
 
-# From this many (batch row, head) pairs per call on, bf16/fp16 attention takes the SDPA route
-# (``kernels.sdpa_block_causal_attention``) instead of the fused kernel. With that many pairs the
-# kernel runs in several waves over an H100 and is bound by memory traffic. There, at 6,144 pairs,
-# SDPA alone was 2.3-2.8x faster than the tuned kernel (benchmarks/results/h100-attention*.md); the
-# rotation and cache write it adds are one more pass over q, k and v. With few pairs a call is a few
-# small launches: at 24 pairs the timings were bound by the host and mixed (the kernel won a cell's
-# first step), and the fused kernel, one launch per call, stays where batch-1 CUDA graphs were
-# measured. 1024 is where launch_config's two families already part; the crossover between 24 and
-# 6,144 pairs is for benchmarks/attention.py to measure on a GPU (not done yet). fp32, the exact
-# mode, keeps the fused kernel, whose products are IEEE fp32; FlashAttention has no fp32.
-SDPA_MIN_BATCH_HEADS = 1024
-
-
 @functools.cache  # one object, so that CUDA graphs captured with it are recognised at the next call
 def _triton_backend() -> Backend:
     from . import kernels
 
-    attention = getattr(kernels, "ragged_attention", cached_attention)  # TODO: the ragged kernel lands next
+    def attention(q, k, v, cos, sin, cache, layer, batch):
+        return kernels.ragged_attention(q, k, v, cos, sin, cache.keys[layer], cache.values[layer], batch.slots,
+                                        batch.cells, batch.row_starts, q.shape[1])
 
-    ops = BlockOps(attention=attention, linear=onednn_linear, rms_norm_modulate=kernels.rms_norm_modulate,
-                   gated_residual=kernels.gated_residual, gelu_mul=kernels.gelu_mul)
+    ops = BlockOps(attention=attention, attention_uses_groups=False, linear=onednn_linear,
+                   rms_norm_modulate=kernels.rms_norm_modulate, gated_residual=kernels.gated_residual,
+                   gelu_mul=kernels.gelu_mul)
     return Backend("triton", ops, kernels.flow_step)
 
 

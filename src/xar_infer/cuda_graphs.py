@@ -57,20 +57,12 @@ def bucket_sizes(max_cells: int) -> list[int]:
 
 
 def keys_by_cells(ops: BlockOps) -> bool:
-    """Whether a graph of ``ops`` must be keyed by the count of cells at each index, not only by its bucket.
-
-    ``model.cached_attention`` runs one attention per cell index of ``CellBatch.groups``, host data
-    that a capture fixes. Only ``kernels.ragged_attention``, which reads the slots, cells and row
-    starts from device tensors, is known to replay with other cells; any other attention is keyed by
-    cells too (correct, with more captures). A graph keyed by bucket alone gets a batch with no groups.
-    """
-    if ops.attention is cached_attention:
-        return True
-    try:
-        from . import kernels
-    except ImportError:  # no triton
-        return True
-    return ops.attention is not getattr(kernels, "ragged_attention", None)
+    """Whether a graph of ``ops`` must be keyed by the count of cells at each index, not only by its
+    bucket: when its attention runs one attention per cell index of ``CellBatch.groups`` (host data
+    that a capture fixes), as ``model.cached_attention`` does. ``kernels.ragged_attention`` reads the
+    slots, cells and row starts from device tensors and replays with any cells. A graph keyed by bucket
+    alone gets a batch with no groups."""
+    return ops.attention_uses_groups
 
 
 def _weights(model: XARTransformer) -> tuple:

@@ -207,6 +207,9 @@ class BlockOps:
     define them."""
 
     attention: AttentionFn = cached_attention
+    # Whether ``attention`` reads ``CellBatch.groups`` (host data, fixed into a captured CUDA graph), as
+    # the reference does; a kernel that reads only the batch's device tensors replays with other cells.
+    attention_uses_groups: bool = True
     linear: Callable[[Tensor, nn.Linear], Tensor] = linear
     rms_norm_modulate: Callable[..., Tensor] = rms_norm_modulate
     gated_residual: Callable[..., Tensor] = gated_residual
