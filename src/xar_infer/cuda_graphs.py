@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidArgumentError
-from .model import BlockOps, CellBatch, XARTransformer, cached_attention
+from .model import BlockOps, CellBatch, CellGroup, XARTransformer
 
 
 def bucket_sizes(max_cells: int) -> list[int]:
@@ -151,8 +151,8 @@ class GraphedNetwork:
     def _groups(self, batch: CellBatch, bucket: int) -> tuple[tuple[tuple[int, int], ...], list[Tensor]]:
         """((cell index, count), ...) and the index lists of the padded batch: ``batch.groups`` with the
         padding cells joining those at cell 0. Counts come from shapes: no value is read from the device."""
-        counts = [(int(cell), len(index)) for cell, index in batch.groups]
-        parts = [index for _, index in batch.groups]
+        counts = [(int(cell), len(index)) for cell, index, _ in batch.groups]
+        parts = [index for _, index, _ in batch.groups]
         padding = bucket - len(batch)
         if padding:
             at = next((i for i, (cell, _) in enumerate(counts) if cell == 0), None)
@@ -197,7 +197,8 @@ class GraphedNetwork:
         groups = ()
         if counts is not None:
             starts = accumulate((n for _, n in counts), initial=0)
-            groups = tuple((cell, self.order[start:start + n]) for (cell, n), start in zip(counts, starts))
+            # Slots are gathered (no slice): a replay's slots are not known at capture.
+            groups = tuple(CellGroup(cell, self.order[start:start + n], None) for (cell, n), start in zip(counts, starts))
         batch = CellBatch(slots, cells, row_starts, labels, self.times[:bucket], groups)
         x = self.x[:bucket]
         modulations = None if computes_modulations else list(self.modulations[:, :bucket].unbind(0))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,15 @@ class KVCache:
         return self.keys[0].shape[0]
 
 
+class CellGroup(NamedTuple):
+    """The cells of a batch at one index: where they are in the batch, and their cache slots as a
+    slice when those are consecutive (the cache is then read as a view, not gathered), else None."""
+
+    cell: int
+    index: Tensor
+    slots: slice | None
+
+
 @dataclass(frozen=True)
 class CellBatch:
     """The cells one network call computes, in packing order: ``len(slots)`` cells of the same size.
@@ -48,7 +57,8 @@ class CellBatch:
     ``slots``, ``cells``, ``labels``, ``times``: each cell's cache slot, index in its image (its
     position), class (``null_class`` for an unconditional half) and flow time (0 for a clean cell).
     Cells of one slot are consecutive and at consecutive indices (a row); ``row_starts`` gives the
-    first cell of each cell's row. ``groups``: the cells of each index, for attention by index.
+    first cell of each cell's row. ``groups``: the cells of each index in increasing order, for
+    attention by index (host data: a CUDA graph's capture fixes them).
     """
 
     slots: Tensor
@@ -56,7 +66,7 @@ class CellBatch:
     row_starts: Tensor
     labels: Tensor
     times: Tensor
-    groups: tuple[tuple[int, Tensor], ...]
+    groups: tuple[CellGroup, ...]
 
     @staticmethod
     def build(slots: Sequence[int], cells: Sequence[int], labels: Sequence[int] | Tensor, times: Sequence[float] | Tensor,
@@ -70,9 +80,14 @@ class CellBatch:
         by_cell: dict[int, list[int]] = {}
         for i, c in enumerate(cells):
             by_cell.setdefault(int(c), []).append(i)
+        def slot_range(index: list[int]) -> slice | None:
+            first = slots[index[0]]
+            consecutive = all(slots[i] == first + n for n, i in enumerate(index))
+            return slice(first, first + len(index)) if consecutive else None
+
         return CellBatch(as_long(slots), as_long(cells), as_long(row_starts), as_long(labels),
                          torch.as_tensor(times, dtype=torch.float64).to(device),
-                         tuple((c, as_long(index)) for c, index in sorted(by_cell.items())))
+                         tuple(CellGroup(c, as_long(index), slot_range(index)) for c, index in sorted(by_cell.items())))
 
     @staticmethod
     def whole_images(labels: Tensor, times: Tensor) -> "CellBatch":
@@ -176,23 +191,23 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     """Attention of the batch's cells, each over its slot's earlier cells and itself.
 
     ``q, k, v``: [cells, tokens_per_cell, heads, head_dim], not yet rotated; ``cos, sin``: the RoPE
-    tables of the whole sequence. Every cell's rotated keys and values are written at its positions
-    of its slot first, so a cell sees the cells computed with it in its row. A cell's keys end where
-    it ends: no mask. Returns [cells, tokens_per_cell, heads, head_dim]. The reference for
-    ``xar_infer.kernels.ragged_attention``.
+    tables of the whole sequence. Cells are taken index by index, in increasing order: each group's
+    rotated keys and values are written at its positions of its slots, then it attends over the
+    positions up to its own end, which earlier groups of this call (the previous cell of a row) or
+    earlier calls have written. A cell sees all of its own tokens: no mask. Returns [cells,
+    tokens_per_cell, heads, head_dim]. The reference for ``xar_infer.kernels.ragged_attention``.
     """
     T = q.shape[1]
-    positions = batch.positions(T)
-    cos, sin = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = cache.keys[layer], cache.values[layer]
-    keys[batch.slots[:, None], :, positions] = k
-    values[batch.slots[:, None], :, positions] = v
     out = torch.empty_like(q)
-    for cell, index in batch.groups:
-        slots, end = batch.slots[index], (cell + 1) * T
-        out[index] = F.scaled_dot_product_attention(q[index].transpose(1, 2), keys[slots, :, :end],
-                                                    values[slots, :, :end]).transpose(1, 2)
+    for cell, index, slot_range in batch.groups:
+        span = slice(cell * T, (cell + 1) * T)
+        slots = batch.slots[index] if slot_range is None else slot_range
+        rotated_q = apply_rope(q[index].transpose(1, 2), cos[span], sin[span])
+        keys[slots, :, span] = apply_rope(k[index].transpose(1, 2), cos[span], sin[span])
+        values[slots, :, span] = v[index].transpose(1, 2)
+        out[index] = F.scaled_dot_product_attention(rotated_q, keys[slots, :, :span.stop],
+                                                    values[slots, :, :span.stop]).transpose(1, 2)
     return out
 
 
