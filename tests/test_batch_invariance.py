@@ -100,7 +100,8 @@ def test_network_calls_without_a_modulation_table_are_batch_invariant(config):
         ops = resolve_backend("torch", "cpu").ops
         with torch.no_grad():
             first = released_call(model, cache, cells[0][rows], labels[rows], 0.7, cell=0, ops=ops)
-            second = released_call(model, cache, cells[1][rows], labels[rows], 0.55, cell=1, prefix=cells[0][rows], ops=ops)
+            second = released_call(model, cache, cells[1][rows], labels[rows], 0.55, cell=1, prefix=cells[0][rows],
+                                   ops=ops)
             third = released_call(model, cache, cells[1][rows], labels[rows], 0.3, cell=1, ops=ops)
         return first, second, third
 

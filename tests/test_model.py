@@ -119,7 +119,8 @@ def test_cell_batch_rows_and_groups():
     batch = CellBatch.build(slots, cells, [4, 4, 9, 1, 1, 1, 4, 9, 1000, 1000], times, "cpu")
     assert len(batch) == 10
     assert batch.row_starts.tolist() == [0, 0, 2, 3, 3, 3, 6, 7, 8, 9]
-    assert [(c, index.tolist()) for c, index in batch.groups] == [(0, [3, 8]), (1, [0, 4]), (2, [1, 2, 5, 9]), (3, [6, 7])]
+    groups = [(c, index.tolist()) for c, index in batch.groups]
+    assert groups == [(0, [3, 8]), (1, [0, 4]), (2, [1, 2, 5, 9]), (3, [6, 7])]
     assert batch.slots.tolist() == slots and batch.cells.tolist() == cells and batch.labels[-1] == 1000
     assert batch.times.dtype == torch.float64 and batch.times.tolist() == times
     assert batch.positions(4)[1].tolist() == [8, 9, 10, 11]  # cell 2 of cells of 4 tokens
@@ -173,7 +174,8 @@ def test_cell_attention_is_the_released_block_causal_attention():
     q, key, value = (torch.randn(B * k, T, H, hd, generator=g, dtype=torch.float64) for _ in range(3))
     cos, sin = rope_tables(config)
     cache = KVCache(config, B, torch.float64, "cpu")
-    out = cached_attention(q, key, value, cos, sin, cache, 1, CellBatch.whole_images(torch.tensor([1, 2]), torch.zeros(B, k)))
+    batch = CellBatch.whole_images(torch.tensor([1, 2]), torch.zeros(B, k))
+    out = cached_attention(q, key, value, cos, sin, cache, 1, batch)
 
     def sequence(t):  # [B * k, T, H, hd] -> [B, H, k * T, hd]
         return t.reshape(B, k * T, H, hd).transpose(1, 2)
@@ -253,12 +255,14 @@ def test_a_cells_velocity_does_not_depend_on_what_shares_its_call():
     model = random_transformer()
     config = model.config
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randn(4, config.num_cells, config.tokens_per_cell, config.token_channels, generator=g)  # [slot, cell]
+    shape = (4, config.num_cells, config.tokens_per_cell, config.token_channels)  # [slot, cell, ...]
+    tokens = torch.randn(shape, generator=g)
     labels = [3, 7, 1000, 5]
     ops = TORCH.ops
     with torch.no_grad():
         cache = model.new_cache(4)  # every slot holds its image's cells 0..2, clean
-        model(_rows(list(tokens.unbind(1)), 3), CellBatch.whole_images(torch.tensor(labels), torch.zeros(4, 3)), cache, ops)
+        context = CellBatch.whole_images(torch.tensor(labels), torch.zeros(4, 3))
+        model(_rows(list(tokens.unbind(1)), 3), context, cache, ops)
 
         def velocity_of_target(entries):  # entries: (slot, cell, t); the target is (1, 2, 0.5)
             batch = CellBatch.build([s for s, _, _ in entries], [c for _, c, _ in entries],

@@ -42,7 +42,8 @@ def test_settings_are_frozen():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(num_inference_steps=0), "num_inference_steps must be a positive integer or a list of them, one per cell, got 0"),
+    (dict(num_inference_steps=0),
+     "num_inference_steps must be a positive integer or a list of them, one per cell, got 0"),
     (dict(num_inference_steps=-2), "num_inference_steps must be a positive integer"),
     (dict(num_inference_steps=2.5), "num_inference_steps must be a positive integer"),
     (dict(num_inference_steps=True), "num_inference_steps must be a positive integer"),
