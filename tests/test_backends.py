@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from xar_infer import XARPipeline
 from xar_infer.backends import TORCH, onednn_linear, resolve_backend
 from xar_infer.cli import generate_main
-from xar_infer.model import cached_attention
+from xar_infer.model import CellBatch, KVCache, rope_tables
 
-from conftest import TRITON_DEVICE
+from conftest import TINY_CONFIG, TRITON_DEVICE
 from cpu_threads import one_torch_thread  # noqa: F401  (autouse: this module runs on one thread)
 
 
@@ -147,11 +147,10 @@ def _latents(pipe, sampler):
 @pytest.mark.parametrize("sampler", ["sde", "euler", "heun"])
 def test_triton_pipeline_matches_torch(tiny_checkpoint, sampler):
     """Every sampler rule through the kernels, guided, odd batch. The kernels' attention differs from
-    the reference by ~1e-6 per call; the random tiny model amplifies that over 12 sequential calls to
-    a measured 4.5e-5 (sde) / 1e-5 (ode) on latents of size ~7; the bound is 4x the worst. (Until
-    ``kernels.ragged_attention`` lands the backend runs the reference attention: the other kernels
-    alone measured 2.5e-5 (sde) / 7.7e-6 (ode).) The parity fixture test holds the triton path to the
-    official tokens directly."""
+    the reference by ~1e-6 per call; the random tiny model amplifies that over 12 sequential calls.
+    Measured through Triton's interpreter with the ragged attention kernel: 2.5e-5 (sde) / 8.7e-6 (ode)
+    on latents of size ~7 (the lockstep kernel before it: 4.5e-5 / 1e-5, of which the bound is 4x).
+    The parity fixture test holds the triton path to the official tokens directly."""
     torch_latents = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="torch", device=TRITON_DEVICE), sampler)
     triton_latents = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="triton", device=TRITON_DEVICE), sampler)
     assert (torch_latents - triton_latents).abs().max().item() <= 2e-4
@@ -170,13 +169,26 @@ def test_triton_pipeline_in_fp16(tiny_checkpoint):
 
 
 @pytest.mark.triton
-def test_triton_backend_runs_the_ragged_attention_kernel_when_there_is_one():
-    """The Triton backend's attention over packed cells is ``kernels.ragged_attention``, or, until that
-    kernel exists, the reference ``model.cached_attention``; its other block ops are the kernels'."""
+def test_triton_attention_is_one_ragged_kernel_launch_on_the_batchs_device_tensors(monkeypatch):
+    """The Triton backend runs a layer's attention as one ``kernels.ragged_attention`` launch over that
+    layer's cache, given the batch's device tensors (slots, cells, row starts) and never its host-side
+    groups, so that a captured CUDA graph may replay it with other cells (``attention_uses_groups``)."""
     from xar_infer import kernels
 
-    backend = resolve_backend("triton", TRITON_DEVICE)
-    assert backend.ops.attention is getattr(kernels, "ragged_attention", cached_attention)
+    launches = []
+    monkeypatch.setattr(kernels, "ragged_attention", lambda *args: launches.append(args) or args[0])
+    backend = resolve_backend("triton", "cpu")
+    config = TINY_CONFIG
+    cache = KVCache(config, 3, torch.float32, "cpu")
+    batch = CellBatch.build([2, 2, 0], [0, 1, 3], [5, 5, 1000], [0.0, 0.5, 0.2], "cpu")
+    q = torch.zeros(3, config.tokens_per_cell, config.num_heads, config.head_dim)
+    cos, sin = rope_tables(config)
+    backend.ops.attention(q, q, q, cos, sin, cache, 1, batch)
+    [args] = launches
+    assert args[5] is cache.keys[1] and args[6] is cache.values[1]
+    assert args[7] is batch.slots and args[8] is batch.cells and args[9] is batch.row_starts
+    assert args[10] == config.tokens_per_cell
+    assert backend.ops.attention_uses_groups is False and TORCH.ops.attention_uses_groups is True
     assert (backend.ops.rms_norm_modulate, backend.ops.gated_residual, backend.ops.gelu_mul) == (
         kernels.rms_norm_modulate, kernels.gated_residual, kernels.gelu_mul)
     assert backend.ops.linear is onednn_linear and backend.flow_step is kernels.flow_step

@@ -277,7 +277,7 @@ def test_per_cell_step_counts(model64):
     assert len(recorder.calls) == 10
     reference = released_protocol(model64, torch.tensor([3, 4]), [4, 3, 2, 1], 2.5, seeds=(1, 2))
     assert (latent - reference).abs().max().item() < 1e-10
-    with pytest.raises(ValueError, match="num_inference_steps \\[4, 3\\] gives 2 counts, but this model makes 4 cells"):
+    with pytest.raises(ValueError, match=r"a list of 4 of them \(one per cell\): \[4, 3\] gives 2 counts"):
         _engine(model64, [3], [4, 3], 2.5, seeds=(1,))
 
 

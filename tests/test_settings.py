@@ -43,7 +43,7 @@ def test_settings_are_frozen():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_inference_steps=0),
-     "num_inference_steps must be a positive integer or a list of them, one per cell, got 0"),
+     r"num_inference_steps must be a positive integer or a list of 4 of them \(one per cell\), got 0"),
     (dict(num_inference_steps=-2), "num_inference_steps must be a positive integer"),
     (dict(num_inference_steps=2.5), "num_inference_steps must be a positive integer"),
     (dict(num_inference_steps=True), "num_inference_steps must be a positive integer"),
@@ -51,8 +51,9 @@ def test_settings_are_frozen():
     (dict(num_inference_steps=[]), "num_inference_steps must be a positive integer"),
     (dict(num_inference_steps=[3, 0, 1, 1]), r"num_inference_steps must be a positive integer .*got \[3, 0, 1, 1\]"),
     (dict(num_inference_steps=MAX_STEPS + 1), "num_inference_steps must be at most 1000 per cell .*, got 1001"),
-    (dict(num_inference_steps=[3, 2]), r"num_inference_steps \[3, 2\] gives 2 counts, but this model makes 4 cells"),
-    (dict(num_inference_steps=[5]), r"num_inference_steps \[5\] gives 1 count"),  # a list is per cell
+    (dict(num_inference_steps=[3, 2]), r"num_inference_steps must be a positive integer or a list of 4 of them \(one "
+                                       r"per cell\): \[3, 2\] gives 2 counts, but this model makes 4 cells$"),
+    (dict(num_inference_steps=[5]), r"\[5\] gives 1 count"),  # a list is per cell
     (dict(guidance_scale=0.5), r"guidance_scale must be a finite number >= 1 \(1 turns guidance off\), got 0.5"),
     (dict(guidance_scale=math.nan), "guidance_scale must be a finite number >= 1"),
     (dict(guidance_scale=math.inf), "guidance_scale must be a finite number >= 1"),
@@ -86,15 +87,15 @@ def test_messages_use_the_callers_names(setting, value):
 
 
 def test_a_per_cell_list_is_shown_as_it_was_typed():
-    with pytest.raises(InvalidArgumentError, match="^--steps 10,8 gives 2 counts, but this model makes 4 cells: give "
-                                                   "one count, or one per cell$"):
+    with pytest.raises(InvalidArgumentError, match=r"^--steps must be a positive integer or a list of 4 of them \(one "
+                                                   r"per cell\): 10,8 gives 2 counts, but this model makes 4 cells$"):
         SamplingSettings.build(4, [10, 8], 2.0, names=OPTION_NAMES)
 
 
 def test_without_a_model_every_check_but_the_list_length_runs():
     """``num_cells`` None: a model not loaded yet, so a per-cell list of any length passes."""
     assert SamplingSettings.build(None, [4, 3], 2.0).steps_per_cell == (4, 3)
-    with pytest.raises(InvalidArgumentError, match="num_inference_steps must be a positive integer"):
+    with pytest.raises(InvalidArgumentError, match=r"must be a positive integer or a list of them \(one per cell\)"):
         SamplingSettings.build(None, [4, 0], 2.0)
     with pytest.raises(InvalidArgumentError, match="guidance_scale"):
         SamplingSettings.build(None, 4, 0.0)
