@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xar_infer import XARPipeline, backends
-from xar_infer.backends import SDPA_MIN_BATCH_HEADS, TORCH, onednn_linear, resolve_backend
+from xar_infer import XARPipeline
+from xar_infer.backends import TORCH, onednn_linear, resolve_backend
 from xar_infer.cli import generate_main
+from xar_infer.model import CellBatch, KVCache, rope_tables
 
-from conftest import TRITON_DEVICE
+from conftest import TINY_CONFIG, TRITON_DEVICE
 from cpu_threads import one_torch_thread  # noqa: F401  (autouse: this module runs on one thread)
 
 
@@ -146,22 +147,19 @@ def _latents(pipe, sampler):
 @pytest.mark.parametrize("sampler", ["sde", "euler", "heun"])
 def test_triton_pipeline_matches_torch(tiny_checkpoint, sampler):
     """Every sampler rule through the kernels, guided, odd batch. The kernels' attention differs from
-    the reference by ~1e-6 per call; the random tiny model amplifies that over 12 sequential calls to
-    a measured 4.5e-5 (sde) / 1e-5 (ode) on latents of size ~7; the bound is 4x the worst. The parity
-    fixture test holds the triton path to the official tokens directly."""
+    the reference by ~1e-6 per call; the random tiny model amplifies that over 12 sequential calls.
+    Measured through Triton's interpreter with the ragged attention kernel: 2.5e-5 (sde) / 8.7e-6 (ode)
+    on latents of size ~7 (the lockstep kernel before it: 4.5e-5 / 1e-5, of which the bound is 4x).
+    The parity fixture test holds the triton path to the official tokens directly."""
     torch_latents = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="torch", device=TRITON_DEVICE), sampler)
     triton_latents = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="triton", device=TRITON_DEVICE), sampler)
     assert (torch_latents - triton_latents).abs().max().item() <= 2e-4
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("attention", ["fused", "sdpa"])
-def test_triton_pipeline_in_fp16(tiny_checkpoint, monkeypatch, attention):
-    """fp16 weights, cache and attention, by either attention route (the tiny model's batch takes the
-    fused kernel unless the SDPA route's threshold is lowered): as close to the fp16 PyTorch path as
-    fp16 is to fp32 (the bound of test_pipeline's reduced-precision test)."""
-    if attention == "sdpa":
-        monkeypatch.setattr(backends, "SDPA_MIN_BATCH_HEADS", 1)
+def test_triton_pipeline_in_fp16(tiny_checkpoint):
+    """fp16 weights, cache and attention: as close to the fp16 PyTorch path as fp16 is to fp32 (the
+    bound of test_pipeline's reduced-precision test)."""
     on_cpu = TRITON_DEVICE == "cpu"
     with pytest.warns(UserWarning, match="float16 matrix products") if on_cpu else contextlib.nullcontext():
         a = _latents(XARPipeline.from_pretrained(tiny_checkpoint, backend="torch", dtype=torch.float16, device=TRITON_DEVICE), "sde")
@@ -171,32 +169,29 @@ def test_triton_pipeline_in_fp16(tiny_checkpoint, monkeypatch, attention):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dtype, rows, heads, route", [
-    (torch.float16, SDPA_MIN_BATCH_HEADS // 2, 2, "sdpa"),      # exactly at the threshold
-    (torch.float16, SDPA_MIN_BATCH_HEADS // 2 - 1, 2, "fused"),  # one pair below it
-    (torch.float32, SDPA_MIN_BATCH_HEADS, 2, "fused"),            # fp32 always keeps the fused kernel
-])
-def test_triton_attention_route_depends_on_dtype_and_batch_heads(monkeypatch, dtype, rows, heads, route):
-    """The Triton backend sends bf16/fp16 calls with many (batch row, head) pairs to the SDPA route and
-    everything else to the fused kernel, passing the cache's rows and finished length either way."""
+def test_triton_attention_is_one_ragged_kernel_launch_on_the_batchs_device_tensors(monkeypatch):
+    """The Triton backend runs a layer's attention as one ``kernels.ragged_attention`` launch over that
+    layer's cache, given the batch's device tensors (slots, cells, row starts) and never its host-side
+    groups, so that a captured CUDA graph may replay it with other cells (``attention_uses_groups``)."""
     from xar_infer import kernels
-    from xar_infer.model import KVCache
 
-    config = type("Config", (), {"num_heads": heads, "seq_len": 256, "head_dim": 16, "num_layers": 2})
-    cache = KVCache(config, rows + 1, dtype, "cpu")
-    cache.length = 64
-    calls = []
-
-    def spy(name):
-        # Both routes take (q, k, v, cos, sin, cache keys, cache values, finished length, ...).
-        return lambda *args: calls.append((name, args[5] is cache.keys[1], args[6] is cache.values[1], args[7]))
-
-    monkeypatch.setattr(kernels, "block_causal_attention", spy("fused"))
-    monkeypatch.setattr(kernels, "sdpa_block_causal_attention", spy("sdpa"))
-    q = torch.zeros(rows, 64, heads, 16, dtype=dtype)
-    table = torch.zeros(64, 16)
-    resolve_backend("triton", "cpu").ops.attention(q, q, q, table, table, cache, 1, 0, 64)
-    assert calls == [(route, True, True, 64)]
+    launches = []
+    monkeypatch.setattr(kernels, "ragged_attention", lambda *args: launches.append(args) or args[0])
+    backend = resolve_backend("triton", "cpu")
+    config = TINY_CONFIG
+    cache = KVCache(config, 3, torch.float32, "cpu")
+    batch = CellBatch.build([2, 2, 0], [0, 1, 3], [5, 5, 1000], [0.0, 0.5, 0.2], "cpu")
+    q = torch.zeros(3, config.tokens_per_cell, config.num_heads, config.head_dim)
+    cos, sin = rope_tables(config)
+    backend.ops.attention(q, q, q, cos, sin, cache, 1, batch)
+    [args] = launches
+    assert args[5] is cache.keys[1] and args[6] is cache.values[1]
+    assert args[7] is batch.slots and args[8] is batch.cells and args[9] is batch.row_starts
+    assert args[10] == config.tokens_per_cell
+    assert backend.ops.attention_uses_groups is False and TORCH.ops.attention_uses_groups is True
+    assert (backend.ops.rms_norm_modulate, backend.ops.gated_residual, backend.ops.gelu_mul) == (
+        kernels.rms_norm_modulate, kernels.gated_residual, kernels.gelu_mul)
+    assert backend.ops.linear is onednn_linear and backend.flow_step is kernels.flow_step
 
 
 def test_the_backend_belongs_to_the_pipeline(tiny_checkpoint):

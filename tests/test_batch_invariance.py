@@ -3,7 +3,7 @@ size or its position in it (CPU, float32, the torch backend and the Triton kerne
 is not promised, how far apart the results may be.
 
 Batching mixes rows in the matrix products only: every other op of a network call works row by row
-(attention per batch row and head, norms and modulations per token, the sampler per element), and
+(attention per cell and head, norms and modulations per token, the sampler per element), and
 each image draws its noise from its own generator. So the promise rests on every product giving a row
 the same result whatever the number of rows, which oneDNN's fp32 kernels do (a lone row is computed as
 two, ``backends.onednn_linear``). MKL's, behind ``F.linear``, do not: with few rows, the rows past a
@@ -19,11 +19,14 @@ import torch.nn.functional as F
 from xar_infer import XARPipeline
 from xar_infer.backends import Backend, _onednn_available, onednn_linear, resolve_backend
 from xar_infer.config import XARConfig
+from xar_infer.engine import generate_latents
 from xar_infer.loading import load_pretrained
 from xar_infer.model import TORCH_OPS
-from xar_infer.sampling import NoiseSource, flow_step, generate_tokens
+from xar_infer.sampling import NoiseSource, flow_step
+from xar_infer.settings import SamplingSettings
 
 from conftest import TINY_CONFIG, TRITON_DEVICE, random_transformer
+from test_model import released_call
 
 needs_onednn = pytest.mark.skipif(not _onednn_available(), reason="oneDNN is not part of this PyTorch build")
 
@@ -96,9 +99,10 @@ def test_network_calls_without_a_modulation_table_are_batch_invariant(config):
         cache = model.new_cache(len(rows))
         ops = resolve_backend("torch", "cpu").ops
         with torch.no_grad():
-            first = model(cells[0][rows], labels[rows], torch.full((len(rows),), 0.7), cache, ops=ops)
-            second = model(cells[1][rows], labels[rows], torch.full((len(rows),), 0.55), cache, prefix=cells[0][rows], ops=ops)
-            third = model(cells[1][rows], labels[rows], torch.full((len(rows),), 0.3), cache, ops=ops)
+            first = released_call(model, cache, cells[0][rows], labels[rows], 0.7, cell=0, ops=ops)
+            second = released_call(model, cache, cells[1][rows], labels[rows], 0.55, cell=1, prefix=cells[0][rows],
+                                   ops=ops)
+            third = released_call(model, cache, cells[1][rows], labels[rows], 0.3, cell=1, ops=ops)
         return first, second, third
 
     alone = [calls([i]) for i in range(5)]
@@ -136,10 +140,12 @@ def test_outside_the_promise_batches_differ_only_by_rounding():
     (another image's label, noise or cache) would be off by O(1)."""
     reference = Backend("reference", TORCH_OPS, flow_step)
 
+    settings = SamplingSettings.build(TINY_CONFIG.num_cells, 2, 2.7)
+
     def latents(model, images):
         labels = torch.tensor([label for label, _ in images])
         noise = NoiseSource([torch.Generator().manual_seed(seed) for _, seed in images], len(images), torch.device("cpu"))
-        return generate_tokens(model, labels, 2, 2.7, noise, backend=reference)
+        return generate_latents(model, labels, settings, noise, reference)
 
     model, exact_model = random_transformer(), random_transformer().double()
     batch = latents(model, IMAGES)

@@ -1,20 +1,19 @@
-"""Samplers: time grids, guidance schedule, evaluation protocol, seeds, ODE convergence."""
+"""Samplers: time grids, guidance schedule, evaluation protocol, seeds, ODE convergence; the engine's
+generation against the released sampler written as a plain loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from xar_infer.sampling import (
-    NoiseSource,
-    cell_guidance_scales,
-    evaluations_per_cell,
-    generate_tokens,
-    sde_time_grid,
-)
+from xar_infer.backends import TORCH
+from xar_infer.engine import Engine, generate_latents
+from xar_infer.sampling import NoiseSource, sample_image
+from xar_infer.settings import SamplingSettings, cell_guidance_scales, evaluations_per_cell, sde_time_grid
 
 from conftest import random_transformer
 from cpu_threads import one_torch_thread  # noqa: F401  (autouse: this module runs on one thread)
+from test_model import released_call
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +23,11 @@ def model64():
 
 
 def _generate(model, labels, steps=4, scale=2.0, seed=0, **kwargs):
+    """The latents of one job on an engine of its size (``engine.generate_latents``), torch backend."""
     generator = kwargs.pop("generator", torch.Generator().manual_seed(seed))
     labels = torch.tensor(labels)
-    return generate_tokens(model, labels, steps, scale, NoiseSource(generator, len(labels), torch.device("cpu")), **kwargs)
+    settings = SamplingSettings.build(model.config.num_cells, steps, scale, **kwargs)
+    return generate_latents(model, labels, settings, NoiseSource(generator, len(labels), torch.device("cpu")), TORCH)
 
 
 def test_sde_time_grid():
@@ -42,24 +43,32 @@ def test_guidance_schedules():
     assert cell_guidance_scales(2.5, 4, "linear") == pytest.approx([1.0, 1.5, 2.0, 2.5])
     assert cell_guidance_scales(2.5, 4, "constant") == [2.5] * 4
     assert cell_guidance_scales(3.0, 1, "linear") == [3.0]
-    with pytest.raises(ValueError, match="unknown guidance schedule"):
-        cell_guidance_scales(2.0, 4, "cosine")
+    # An unknown schedule is refused where settings are built (test_settings.py).
 
 
 class CallRecorder:
-    """Forward pre-hook noting each call's batch size and whether it carried a prefix."""
+    """Forward pre-hook noting each network call's cells: (noisy cells, previous cells run clean at t=0
+    to become context). A noisy cell is never evaluated at t=0: the samplers stop before it."""
 
     def __init__(self, model):
         self.calls = []
+        self.batches = []
         self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
-        self.calls.append((args[0].shape[0], kwargs.get("prefix") is not None))
+        batch = args[1] if len(args) > 1 else kwargs["batch"]
+        self.batches.append(batch)
+        self.calls.append((int((batch.times > 0).sum()), int((batch.times == 0).sum())))
+
+    def first_calls(self) -> list[int]:
+        """The calls that run previous cells clean."""
+        return [i for i, (_, clean) in enumerate(self.calls) if clean]
 
 
 @pytest.mark.parametrize("sampler, steps", [("sde", 1), ("sde", 2), ("sde", 5), ("euler", 1), ("heun", 1), ("heun", 3)])
 def test_each_cell_commits_the_previous_one_exactly_once(model64, sampler, steps):
-    """Any step count works: only the first call of cells 1..3 runs (and caches) the previous cell."""
+    """Any step count works: only the first call of cells 1..3 runs (and caches) the previous cell,
+    for both guidance halves, in the row of the cell it precedes."""
     recorder = CallRecorder(model64)
     try:
         latent = _generate(model64, [1, 2], steps=steps, sampler=sampler)
@@ -68,10 +77,16 @@ def test_each_cell_commits_the_previous_one_exactly_once(model64, sampler, steps
     per_cell = evaluations_per_cell(sampler, steps)
     cells = model64.config.num_cells
     assert len(recorder.calls) == cells * per_cell
-    assert [i for i, (_, has_prefix) in enumerate(recorder.calls) if has_prefix] == [per_cell * s for s in range(1, cells)]
-    # Guidance doubles the batch, except in the first cell (scale 1 under the linear schedule), whose
-    # unconditional half would be discarded.
-    assert [batch for batch, _ in recorder.calls] == [2] * per_cell + [4] * (cells - 1) * per_cell
+    assert recorder.first_calls() == [per_cell * s for s in range(1, cells)]
+    for s in range(1, cells):
+        batch = recorder.batches[per_cell * s]
+        clean = batch.times == 0
+        assert clean.sum() == 4 and set(batch.cells[clean].tolist()) == {s - 1}
+        assert set(batch.cells[~clean].tolist()) == {s}
+        assert torch.equal(batch.row_starts[~clean] + 1, torch.nonzero(~clean).flatten())  # [clean ; noisy] rows
+    # Guidance doubles the noisy cells, except in the first cell (scale 1 under the linear schedule),
+    # whose unconditional half would be discarded.
+    assert [noisy for noisy, _ in recorder.calls] == [2] * per_cell + [4] * (cells - 1) * per_cell
     assert torch.isfinite(latent).all() and latent.shape == (2, 16, 16, 16)
 
 
@@ -81,7 +96,9 @@ def test_without_guidance_the_batch_is_not_doubled(model64):
         _generate(model64, [1, 2], scale=1.0)
     finally:
         recorder.handle.remove()
-    assert {batch for batch, _ in recorder.calls} == {2}
+    assert {noisy for noisy, _ in recorder.calls} == {2}
+    assert {clean for _, clean in recorder.calls} == {0, 2}
+    assert {batch.slots.max().item() for batch in recorder.batches} == {1}  # two slots: no unconditional half
 
 
 def test_linear_guidance_leaves_the_first_cell_alone(model64):
@@ -152,8 +169,37 @@ def test_ode_samplers_converge(smooth_model64):
 
 
 def test_unknown_sampler(model64):
-    with pytest.raises(ValueError, match="unknown sampler"):
+    with pytest.raises(ValueError, match=r"sampler must be one of \('sde', 'euler', 'heun'\), got 'ddim'"):
         _generate(model64, [1], sampler="ddim")
+
+
+def test_sample_image_asks_for_the_released_evaluations():
+    """The generator protocol on its own, fed zero velocities: per cell, its step count's evaluations
+    at the grid's times; the previous finished cell on a cell's first evaluation; both halves where
+    the cell's scale exceeds 1 inside the guidance interval, and on a first evaluation once any cell
+    guides (the unconditional half's context)."""
+    plan = SamplingSettings.build(4, [2, 1, 3, 1], 2.5, guidance_interval=(0.5, 1.0)).plan(4)
+    noise = NoiseSource(torch.Generator().manual_seed(0), 2, torch.device("cpu"))
+    finished = []
+    sampler = sample_image(plan, noise, (4, 3), grid_size=4, cell_size=2,
+                           on_cell=lambda index, cells: finished.append(cells[-1].clone()))
+    seen, evaluation = [], next(sampler)
+    try:
+        while True:
+            if evaluation.prefix is not None:
+                assert torch.equal(evaluation.prefix, finished[evaluation.cell - 1])
+            seen.append((evaluation.cell, round(evaluation.t, 6), evaluation.prefix is not None, evaluation.guide,
+                         evaluation.both_halves))
+            assert evaluation.x.shape == (2, 4, 3) and evaluation.x.dtype == torch.float64
+            evaluation = sampler.send(torch.zeros(4 if evaluation.guide else 2, 4, 3, dtype=torch.float64))
+    except StopIteration as done:
+        latent = done.value
+    assert seen == [(0, 1.0, False, False, False), (0, 0.04, False, False, False),  # scale 1: never guides
+                    (1, 1.0, True, True, True),
+                    (2, 1.0, True, True, True), (2, 0.52, False, True, True),
+                    (2, 0.04, False, False, False),  # outside the interval
+                    (3, 1.0, True, True, True)]
+    assert latent.shape == (2, 3, 4, 4) and len(finished) == 4
 
 
 def test_latent_token_layout_round_trip():
@@ -170,8 +216,9 @@ def test_latent_token_layout_round_trip():
 # ---- the engine against the released protocol, written plainly ------------------------------------
 
 def released_protocol(model, labels, steps_per_cell, scale, seeds, interval=(0.0, 1.0)):
-    """The released SDE sampler as a loop: every call on the doubled batch, the modulations computed
-    inside each call, guidance applied after the fact (only at times inside ``interval``)."""
+    """The released SDE sampler as a loop: every call on the doubled batch (slot i for image i's
+    conditional half, B + i for its unconditional one), the modulations computed inside each call,
+    guidance applied after the fact (only at times inside ``interval``)."""
     from xar_infer.sampling import sde_drift, tokens_to_latent
 
     config, B = model.config, len(labels)
@@ -186,7 +233,7 @@ def released_protocol(model, labels, steps_per_cell, scale, seeds, interval=(0.0
             t, dt = grid[i], grid[i + 1] - grid[i]
             eps = None if i == n - 1 else noise.randn(x.shape[1:], x.dtype)
             prefix = torch.cat([cells[-1]] * 2).double() if i == 0 and cells else None
-            v = model(torch.cat([x, x]), both, torch.full((2 * B,), float(t), dtype=torch.float64), cache, prefix=prefix)
+            v = released_call(model, cache, torch.cat([x, x]), both, float(t), cell=s, prefix=prefix)
             cond, uncond = (sde_drift(half, x, t) for half in v.double().chunk(2))
             drift = uncond + cell_scale * (cond - uncond) if cell_scale > 1 and interval[0] <= t <= interval[1] else cond
             x = x + dt * drift if eps is None else x + drift * dt + torch.sqrt(2 * t) * (eps * torch.sqrt(dt.abs()))
@@ -195,20 +242,27 @@ def released_protocol(model, labels, steps_per_cell, scale, seeds, interval=(0.0
 
 
 def _engine(model, labels, steps, scale, seeds, **kwargs):
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return generate_tokens(model, torch.tensor(labels), steps, scale, NoiseSource(generators, len(labels), torch.device("cpu")), **kwargs)
+    return _generate(model, labels, steps, scale, generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
 
 
 @pytest.mark.parametrize("table", [True, False])
-def test_engine_equals_the_released_protocol(model64, monkeypatch, table):
-    """Skipping the first cell's unconditional half and precomputing the modulations (or not: the
-    table is skipped above a size) change nothing: float64 agreement to rounding."""
-    import xar_infer.sampling
-
-    if not table:
-        monkeypatch.setattr(xar_infer.sampling, "MODULATION_TABLE_BYTES", 0)
+def test_engine_equals_the_released_protocol(model64, table):
+    """Skipping the first cell's unconditional half and precomputing the modulations (or not: a job
+    beyond the engine's table memory computes them at every call) change nothing: float64 agreement
+    to rounding."""
     reference = released_protocol(model64, torch.tensor([3, 4]), [3] * 4, 2.5, seeds=(1, 2))
-    assert (_engine(model64, [3, 4], 3, 2.5, seeds=(1, 2)) - reference).abs().max().item() < 1e-10
+    settings = SamplingSettings.build(4, 3, 2.5)
+    noise = NoiseSource([torch.Generator().manual_seed(s) for s in (1, 2)], 2, torch.device("cpu"))
+    engine = Engine(model64, TORCH, 4, (3, 2.5), modulation_table_bytes=256 * 2**20 if table else 0)
+    future = engine.add_job(torch.tensor([3, 4]), settings, noise, finish=lambda latent: latent)
+    computed = []  # time embeddings: one per computation of modulations
+    hook = model64.time_embed.register_forward_hook(lambda *args: computed.append(1))
+    try:
+        engine.run_until_idle()
+    finally:
+        hook.remove()
+    assert (future.result() - reference).abs().max().item() < 1e-10
+    assert len(computed) == (1 if table else engine.num_calls)  # the table once, or at every call
 
 
 def test_per_cell_step_counts(model64):
@@ -219,17 +273,18 @@ def test_per_cell_step_counts(model64):
         latent = _engine(model64, [3, 4], [4, 3, 2, 1], 2.5, seeds=(1, 2))
     finally:
         recorder.handle.remove()
-    assert [i for i, (_, has_prefix) in enumerate(recorder.calls) if has_prefix] == [4, 7, 9]
+    assert recorder.first_calls() == [4, 7, 9]
     assert len(recorder.calls) == 10
     reference = released_protocol(model64, torch.tensor([3, 4]), [4, 3, 2, 1], 2.5, seeds=(1, 2))
     assert (latent - reference).abs().max().item() < 1e-10
-    with pytest.raises(ValueError, match="a list of 4 of them"):
+    with pytest.raises(ValueError, match=r"a list of 4 of them \(one per cell\): \[4, 3\] gives 2 counts"):
         _engine(model64, [3], [4, 3], 2.5, seeds=(1,))
 
 
 def test_guidance_interval(model64):
     """Opt-in: guidance only at flow times inside the interval; the other calls run the conditional
-    half alone, except a cell's first call, which caches the previous cell for both halves."""
+    half alone, except that a cell's first call caches the previous cell for both halves (the
+    unconditional half then runs only that clean cell, not the noisy one it would not use)."""
     interval = (0.3, 0.7)
     recorder = CallRecorder(model64)
     try:
@@ -237,8 +292,9 @@ def test_guidance_interval(model64):
     finally:
         recorder.handle.remove()
     times = sde_time_grid(5)[:5].tolist()  # 1.0, 0.76, 0.52, 0.28, 0.04: only 0.52 is inside
-    expected = [2] * 5 + [4 if (i == 0 or interval[0] <= t <= interval[1]) else 2 for i, t in enumerate(times)] * 3
-    assert [batch for batch, _ in recorder.calls] == expected
+    expected = [2] * 5 + [4 if interval[0] <= t <= interval[1] else 2 for t in times] * 3
+    assert [noisy for noisy, _ in recorder.calls] == expected
+    assert [clean for _, clean in recorder.calls] == ([0] * 5 + [4] + [0] * 4) + ([4] + [0] * 4) * 2
     reference = released_protocol(model64, torch.tensor([3, 4]), [5] * 4, 2.5, seeds=(1, 2), interval=interval)
     assert (latent - reference).abs().max().item() < 1e-10
     full = _engine(model64, [3, 4], 5, 2.5, seeds=(1, 2), guidance_interval=(0.0, 1.0))

@@ -2,9 +2,10 @@
 
 The network is the package's own XARTransformer (the released architecture at a small size and a
 small token grid: 8x8 pixels, one channel, 4 cells of 4x4). The objective is xAR's: every cell gets its
-own noise level t ~ logit-normal, the target is the velocity eps - x, all cells are trained at once
-under the block-causal mask (noisy context), and 10% of labels are dropped to the null class so that
-guidance works. Weights are kept as an exponential moving average, as in the released training.
+own noise level t ~ logit-normal, the target is the velocity eps - x, all cells are trained at once,
+each seeing its image's earlier (noisy) cells and itself as under the released block-causal mask, and
+10% of labels are dropped to the null class so that guidance works. Weights are kept as an exponential
+moving average, as in the released training.
 
     python tools/train_demo.py                      # writes src/xar_infer/data/xar-digits/
     python tools/train_demo.py --steps 200 --out /tmp/digits   # a quick look
@@ -25,7 +26,7 @@ from sklearn.datasets import load_digits
 
 from xar_infer.config import PRESETS
 from xar_infer.loading import CONFIG_NAME, WEIGHTS_NAME, save_model_dir
-from xar_infer.model import XARTransformer
+from xar_infer.model import CellBatch, XARTransformer
 from xar_infer.sampling import latent_to_tokens
 
 PRESET = PRESETS["xar-digits"]
@@ -58,7 +59,9 @@ def flow_matching_loss(model: XARTransformer, tokens: torch.Tensor, labels: torc
     t_tokens = t.repeat_interleave(config.tokens_per_cell, dim=1)[..., None]
     noise = torch.randn(tokens.shape, generator=generator)
     noisy = (1 - t_tokens) * tokens + t_tokens * noise
-    velocity = model(noisy, labels, t, model.new_cache(B))
+    # Every cell of every image in one call, image i in cache slot i; tokens are in cell order.
+    cells = noisy.view(B * config.num_cells, config.tokens_per_cell, -1)
+    velocity = model(cells, CellBatch.whole_images(labels, t), model.new_cache(B)).view(tokens.shape)
     return (velocity - (noise - tokens)).pow(2).mean()
 
 
