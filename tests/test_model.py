@@ -119,8 +119,9 @@ def test_cell_batch_rows_and_groups():
     batch = CellBatch.build(slots, cells, [4, 4, 9, 1, 1, 1, 4, 9, 1000, 1000], times, "cpu")
     assert len(batch) == 10
     assert batch.row_starts.tolist() == [0, 0, 2, 3, 3, 3, 6, 7, 8, 9]
-    groups = [(c, index.tolist()) for c, index in batch.groups]
-    assert groups == [(0, [3, 8]), (1, [0, 4]), (2, [1, 2, 5, 9]), (3, [6, 7])]
+    groups = [(c, index.tolist(), slot_range) for c, index, slot_range in batch.groups]
+    # Consecutive slots (1's cells at slots 0, 1) are read as a slice of the cache; others are gathered.
+    assert groups == [(0, [3, 8], None), (1, [0, 4], slice(0, 2)), (2, [1, 2, 5, 9], None), (3, [6, 7], None)]
     assert batch.slots.tolist() == slots and batch.cells.tolist() == cells and batch.labels[-1] == 1000
     assert batch.times.dtype == torch.float64 and batch.times.tolist() == times
     assert batch.positions(4)[1].tolist() == [8, 9, 10, 11]  # cell 2 of cells of 4 tokens
@@ -132,7 +133,7 @@ def test_whole_images_is_one_row_per_image():
     assert batch.slots.tolist() == [0, 0, 0, 1, 1, 1] and batch.cells.tolist() == [0, 1, 2, 0, 1, 2]
     assert batch.labels.tolist() == [5, 5, 5, 9, 9, 9] and torch.equal(batch.times, times.flatten())
     assert batch.row_starts.tolist() == [0, 0, 0, 3, 3, 3]
-    assert [(c, index.tolist()) for c, index in batch.groups] == [(0, [0, 3]), (1, [1, 4]), (2, [2, 5])]
+    assert [(c, index.tolist()) for c, index, _ in batch.groups] == [(0, [0, 3]), (1, [1, 4]), (2, [2, 5])]
 
 
 # The protocol tests run in float64: equal computations then agree to ~1e-12, so a tolerance of 1e-9
@@ -297,12 +298,16 @@ def test_bad_shapes_raise_value_error(tiny_model):
     cells = _cells(tiny_model.config, 2, dtype=torch.float32)
     batch = CellBatch.build([0], [1], [0], [1.0], "cpu")
     cache = tiny_model.new_cache(1)
-    with pytest.raises(ValueError, match=r"x must be \[1 cells, 64 tokens, channels\], got \[1, 5, 16\]"):
+    with pytest.raises(ValueError, match=r"x must be \[cells, tokens_per_cell, token_channels\] = \[1, 64, 16\] for this batch, got \[1, 5, 16\]"):
         tiny_model(cells[1][:1, :5], batch, cache)
-    with pytest.raises(ValueError, match=r"x must be \[1 cells, 64 tokens, channels\], got \[2, 64, 16\]"):
+    with pytest.raises(ValueError, match=r"= \[1, 64, 16\] for this batch, got \[2, 64, 16\]"):
         tiny_model(cells[1], batch, cache)  # more cells than the batch describes
     with pytest.raises(ValueError, match=r"got \[1, 128, 16\]"):
         tiny_model(torch.cat(cells[:2], dim=1)[:1], batch, cache)  # two cells as one sequence: the old layout
+    with pytest.raises(ValueError, match=r"got \[1, 64, 3\]"):
+        tiny_model(cells[1][:1, :, :3], batch, cache)  # channels of another model
+    with pytest.raises(ValueError, match=r"got \[64, 16\]"):
+        tiny_model(cells[1][0], batch, cache)  # one cell without its cell dimension
     assert not any(t.any() for t in cache.keys + cache.values)  # refused before anything was written
 
 

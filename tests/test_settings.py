@@ -15,6 +15,7 @@ from xar_infer.settings import (
     MAX_STEPS,
     CellPlan,
     SamplingSettings,
+    cell_guidance_scales,
     evaluation_times,
     evaluations_per_cell,
 )
@@ -99,6 +100,28 @@ def test_without_a_model_every_check_but_the_list_length_runs():
         SamplingSettings.build(None, [4, 0], 2.0)
     with pytest.raises(InvalidArgumentError, match="guidance_scale"):
         SamplingSettings.build(None, 4, 0.0)
+
+
+def test_a_single_count_without_a_model_applies_to_every_cell_of_the_plan():
+    plan = SamplingSettings.build(None, 3, 2.0).plan(4)
+    assert [c.num_steps for c in plan.cells] == [3, 3, 3, 3]
+    with pytest.raises(InvalidArgumentError, match="gives 2 step counts, but this model makes 4 cells"):
+        SamplingSettings.build(None, [3, 2], 2.0).plan(4)
+
+
+def test_settings_made_directly_are_checked_too():
+    with pytest.raises(InvalidArgumentError, match="sampler must be one of"):
+        SamplingSettings((4, 4, 4, 4), 2.0, "ddim")
+    with pytest.raises(InvalidArgumentError, match="guidance_scale must be a finite number"):
+        SamplingSettings((4,), float("nan"))
+    with pytest.raises(InvalidArgumentError, match="use SamplingSettings.build"):
+        SamplingSettings([4, 4, 4, 4], 2.0)  # a list: not hashable, not normalised
+    assert SamplingSettings((4,), 2.0) == SamplingSettings.build(None, 4, 2.0)
+
+
+def test_an_unknown_schedule_is_refused_where_scales_are_computed():
+    with pytest.raises(InvalidArgumentError, match="guidance_schedule must be one of"):
+        cell_guidance_scales(2.0, 4, "cosine")
 
 
 def test_plan_gives_each_cell_its_steps_and_scale():

@@ -1,7 +1,7 @@
 """Which implementation runs each hot op: PyTorch (the reference) or the Triton kernels.
 
 The ops that differ between backends are the ones inside a block (``model.BlockOps``: the attention of
-a step's new tokens over the KV cache with RoPE, cache write and block-causal softmax; the RMSNorm
+a call's cells over their KV-cache slots, with RoPE, cache write and softmax; the RMSNorm
 with its modulation; the gated residual; the MLP's GELU product) and the sampler's per-step state
 update, ``sampling.flow_step``. Their torch versions in ``model`` and ``sampling`` define what both
 compute; ``xar_infer.kernels`` holds the fused Triton ones, tested against them. ``resolve_backend``

@@ -124,7 +124,8 @@ def rms_norm(x: Tensor, eps: float) -> Tensor:
 
 
 # The elementwise steps of a block, each condition applied per cell: ``scale``, ``shift`` and ``gamma``
-# are [B, cells, D] (views into the modulation), broadcast over each cell's tokens without copies.
+# are [B, cells, D] (views into the modulation), broadcast over each cell's tokens without copies. The
+# network calls them with B = the call's cells and one cell each.
 # They are the references for the fused kernels of ``xar_infer.kernels.adaln``.
 
 def rms_norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, tokens_per_cell: int, eps: float) -> Tensor:
@@ -421,10 +422,11 @@ class XARTransformer(nn.Module):
         (``xar_infer.backends``). ``modulations``: per block, [cells, 1, 6 * dim], if already known
         (``self.modulations(batch.labels, batch.times[:, None])``).
         """
+        c = self.config
+        if x.dim() != 3 or list(x.shape) != [len(batch), c.tokens_per_cell, c.token_channels]:
+            raise ValueError(f"x must be [cells, tokens_per_cell, token_channels] = [{len(batch)}, "
+                             f"{c.tokens_per_cell}, {c.token_channels}] for this batch, got {list(x.shape)}")
         S, T, _ = x.shape
-        if T != self.config.tokens_per_cell or len(batch) != S:
-            raise ValueError(f"x must be [{len(batch)} cells, {self.config.tokens_per_cell} tokens, channels], "
-                             f"got {list(x.shape)}")
         if modulations is None:
             modulations = self.modulations(batch.labels, batch.times[:, None], ops)
         positions = batch.positions(T)

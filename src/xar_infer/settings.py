@@ -54,6 +54,8 @@ def evaluations_per_cell(sampler: str, num_steps: int) -> int:
 def cell_guidance_scales(guidance_scale: float, num_cells: int, schedule: str = "linear") -> list[float]:
     """Guidance scale of each cell. ``linear`` (released): 1 for the first cell rising to the full scale
     at the last; ``constant``: the full scale everywhere."""
+    if schedule not in GUIDANCE_SCHEDULES:
+        raise InvalidArgumentError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
     if schedule == "constant" or num_cells == 1:
         return [float(guidance_scale)] * num_cells
     return [(guidance_scale - 1) * s / (num_cells - 1) + 1 for s in range(num_cells)]
@@ -112,16 +114,27 @@ class SamplingSettings:
     guidance_schedule: str = "linear"
     guidance_interval: tuple[float, float] | None = None
 
+    def __post_init__(self):
+        # Made directly rather than by build(): the same checks, so no unchecked settings exist.
+        checked = SamplingSettings.build(None, list(self.steps_per_cell), self.guidance_scale, self.sampler,
+                                         self.guidance_schedule, self.guidance_interval, _construct=False)
+        if checked != (tuple(self.steps_per_cell), float(self.guidance_scale), self.guidance_interval):
+            raise InvalidArgumentError(f"SamplingSettings: steps_per_cell must be a tuple of ints, guidance_scale a "
+                                       f"float and guidance_interval None or a tuple of floats; use "
+                                       f"SamplingSettings.build(...), which normalises them")
+
     @classmethod
     def build(cls, num_cells: int | None, num_inference_steps: int | Sequence[int], guidance_scale: float,
               sampler: str = "sde", guidance_schedule: str = "linear",
               guidance_interval: Sequence[float] | None = None,
-              names: Mapping[str, str] = API_NAMES) -> "SamplingSettings":
+              names: Mapping[str, str] = API_NAMES, _construct: bool = True) -> "SamplingSettings":
         """Check every setting and normalise it. ``num_cells`` None checks all but the length of a
-        per-cell step list (for a model not loaded yet). ``names``: how to call each setting in errors."""
+        per-cell step list (for a model not loaded yet; the result then keeps a single count as one,
+        to be repeated by ``plan``). ``names``: how to call each setting in errors (the CLI's option
+        names show a step list as it is typed, ``10,8``)."""
         steps = num_inference_steps
         counts = list(steps) if isinstance(steps, (list, tuple)) else [steps]
-        shown = ",".join(map(str, counts)) if names is not API_NAMES else repr(steps)
+        shown = ",".join(map(str, counts)) if dict(names) != API_NAMES else repr(steps)
         per_cell = "them" if num_cells is None else f"{num_cells} of them"
         if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
             raise InvalidArgumentError(f"{names['num_inference_steps']} must be a positive integer or a list of "
@@ -134,7 +147,7 @@ class SamplingSettings:
                 counts = counts * num_cells
             if len(counts) != num_cells:
                 raise InvalidArgumentError(f"{names['num_inference_steps']} must be a positive integer or a list of "
-                                           f"{per_cell} (one per cell): {shown} gives {len(counts)} counts, but this "
+                                           f"{per_cell} (one per cell): {shown} gives {len(counts)} count{'s' * (len(counts) != 1)}, but this "
                                            f"model makes {num_cells} cells")
         scale = guidance_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 1:
@@ -152,13 +165,17 @@ class SamplingSettings:
                 and 0 <= interval[0] <= interval[1] <= 1):
             raise InvalidArgumentError(f"{names['guidance_interval']} must be (lo, hi) with 0 <= lo <= hi <= 1 (flow "
                                        f"times; 1 is noise), got {interval!r}")
-        return cls(tuple(counts), float(scale), sampler, guidance_schedule,
-                   None if interval is None else (float(interval[0]), float(interval[1])))
+        normalised = (tuple(counts), float(scale), None if interval is None else (float(interval[0]), float(interval[1])))
+        if not _construct:
+            return normalised
+        return cls(normalised[0], normalised[1], sampler, guidance_schedule, normalised[2])
 
     def plan(self, num_cells: int) -> SamplingPlan:
-        if len(self.steps_per_cell) != num_cells:
+        """What the sampler does in each of ``num_cells`` cells (a single step count applies to all)."""
+        counts = self.steps_per_cell * num_cells if len(self.steps_per_cell) == 1 else self.steps_per_cell
+        if len(counts) != num_cells:
             raise InvalidArgumentError(f"these settings give {len(self.steps_per_cell)} step counts, but this model "
                                        f"makes {num_cells} cells: give one count, or one per cell")
         scales = cell_guidance_scales(self.guidance_scale, num_cells, self.guidance_schedule)
-        return SamplingPlan(self.sampler, tuple(CellPlan(n, s) for n, s in zip(self.steps_per_cell, scales)),
+        return SamplingPlan(self.sampler, tuple(CellPlan(n, s) for n, s in zip(counts, scales)),
                             self.guidance_interval or (0.0, 1.0))
