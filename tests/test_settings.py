@@ -105,7 +105,7 @@ def test_without_a_model_every_check_but_the_list_length_runs():
 def test_a_single_count_without_a_model_applies_to_every_cell_of_the_plan():
     plan = SamplingSettings.build(None, 3, 2.0).plan(4)
     assert [c.num_steps for c in plan.cells] == [3, 3, 3, 3]
-    with pytest.raises(InvalidArgumentError, match="gives 2 step counts, but this model makes 4 cells"):
+    with pytest.raises(InvalidArgumentError, match="give 2 step counts, but this model makes 4 cells"):
         SamplingSettings.build(None, [3, 2], 2.0).plan(4)
 
 
