@@ -118,7 +118,8 @@ class SamplingSettings:
         # Made directly rather than by build(): the same checks, so no unchecked settings exist.
         checked = SamplingSettings.build(None, list(self.steps_per_cell), self.guidance_scale, self.sampler,
                                          self.guidance_schedule, self.guidance_interval, _construct=False)
-        if checked != (self.steps_per_cell, self.guidance_scale, self.guidance_interval) or not isinstance(self.steps_per_cell, tuple):
+        normalised = (self.steps_per_cell, self.guidance_scale, self.guidance_interval)
+        if not isinstance(self.steps_per_cell, tuple) or checked != normalised:
             raise InvalidArgumentError(f"SamplingSettings: steps_per_cell must be a tuple of ints, guidance_scale a "
                                        f"float and guidance_interval None or a tuple of floats; use "
                                        f"SamplingSettings.build(...), which normalises them")
