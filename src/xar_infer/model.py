@@ -203,7 +203,9 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     out = torch.empty_like(q)
     for cell, index, slot_range in batch.groups:
         span = slice(cell * T, (cell + 1) * T)
-        slots = batch.slots[index] if slot_range is None else slot_range
+        # A view of the cache is read only without autograd: a later group's write into the same tensor
+        # would change what the backward pass saved.
+        slots = slot_range if slot_range is not None and not torch.is_grad_enabled() else batch.slots[index]
         rotated_q = apply_rope(q[index].transpose(1, 2), cos[span], sin[span])
         keys[slots, :, span] = apply_rope(k[index].transpose(1, 2), cos[span], sin[span])
         values[slots, :, span] = v[index].transpose(1, 2)
