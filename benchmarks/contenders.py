@@ -9,6 +9,7 @@ the model's official recipe uses; the runner may time fewer steps and extrapolat
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -17,7 +18,9 @@ from flops import counted_flops, dit_xl2_flops_per_forward, xar_flops_per_image
 from xar_infer import XARPipeline, XARTransformer, backends
 from xar_infer.config import PRESETS
 from xar_infer.loading import released_buffers
-from xar_infer.sampling import ModulationTable, cell_step_counts, modulation_times
+from xar_infer.engine import Engine
+from xar_infer.engine.engine import ModulationTable
+from xar_infer.settings import SamplingSettings
 from xar_infer.vae import AutoencoderKLDecoder, VAEConfig
 
 
@@ -142,12 +145,15 @@ class XARContender(Contender):
         return self.pipe.decode(latents)
 
     def flops_per_image(self, steps: int) -> float:
-        # Whether generate_tokens used its modulation table (it does up to a size) decides the count.
-        times = modulation_times("sde", cell_step_counts(self.steps(steps), self.preset.config.num_cells))
-        rows = self.batch * (2 if self.preset.guidance_scale > 1 else 1)
-        table = ModulationTable.fits(self.pipe.transformer, rows, len(times))
-        return xar_flops_per_image(self.preset.config, self.steps(steps), self.preset.guidance_scale, modulation_table=table,
-                                   guidance_interval=GUIDANCE_INTERVAL if self.mode == "interval" else None)
+        # Whether the engine made a modulation table (it does up to a size, by default in pipe()) decides the count.
+        config, interval = self.preset.config, GUIDANCE_INTERVAL if self.mode == "interval" else None
+        plan = SamplingSettings.build(config.num_cells, self.steps(steps), self.preset.guidance_scale,
+                                      guidance_interval=interval).plan(config.num_cells)
+        rows = self.batch * (2 if plan.guided else 1)
+        table_bytes = inspect.signature(Engine).parameters["modulation_table_bytes"].default
+        table = ModulationTable.nbytes(self.pipe.transformer, rows, len(plan.modulation_times)) <= table_bytes
+        return xar_flops_per_image(config, self.steps(steps), self.preset.guidance_scale, modulation_table=table,
+                                   guidance_interval=interval)
 
     def decode_flops_per_image(self) -> float:
         return counted_flops(lambda: self.decode(torch.zeros(1, 16, 16, 16, device=self.device)))
