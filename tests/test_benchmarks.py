@@ -215,6 +215,47 @@ def test_launch_count_benchmark_runs(tmp_path):
     assert "| engine, torch backend |" in (tmp_path / "smoke.md").read_text()
 
 
+# The last commit before the engine: the lockstep sampler that benchmarks/engine.py compares against.
+LOCKSTEP_COMMIT = "9d58fcb"
+
+
+def test_engine_benchmark_quick_run(tmp_path):
+    """Smoke run of all three parts on a tiny model, part a against the lockstep sampler's sources
+    taken from git: every figure present and positive, the CPU named, and the engine's images equal to
+    ``pipe`` with each image's own generator (bit for bit on CPU fp32, as the README promises)."""
+    repo = BENCHMARKS.parent
+    if subprocess.run(["git", "-C", str(repo), "cat-file", "-e", f"{LOCKSTEP_COMMIT}^{{commit}}"],
+                      capture_output=True).returncode:
+        pytest.skip(f"needs the git history with commit {LOCKSTEP_COMMIT} (the lockstep sampler)")
+    tree = tmp_path / "lockstep"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", LOCKSTEP_COMMIT, "src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    subprocess.run([sys.executable, str(BENCHMARKS / "engine.py"), "--quick", "--lockstep-tree", str(tree),
+                    "--out-dir", str(tmp_path), "--name", "quick"], check=True, capture_output=True, timeout=300,
+                   env=subprocess_env(threads=None))
+    report = json.loads((tmp_path / "quick.json").read_text())
+    a = report["static_batch"]
+    assert [r["batch"] for r in a["rows"]] == [1, 2]
+    for r in a["rows"]:
+        assert r["engine_median_seconds"] > 0 and r["lockstep_median_seconds"] > 0 and r["engine_speed_over_lockstep"] > 0
+        assert len(r["round_ratios"]) == 2 and r["max_abs_latent_difference"] >= 0
+    [b] = report["open_loop"]
+    assert b["capacity_images_per_s"] > 0 and [run["load"] for run in b["runs"]] == [0.5, 0.9]
+    for run in b["runs"]:
+        for policy in ("continuous", "static"):
+            r = run[policy]
+            assert len(r["latencies_s"]) == 6 and all(t > 0 for t in r["latencies_s"])
+            assert 0 < r["p50_latency_s"] <= r["p99_latency_s"] and r["throughput_images_per_s"] > 0
+    [c] = report["mixed"]
+    assert c["engine_images_per_s"] > 0 and c["static_images_per_s"] > 0
+    assert c["max_abs_latent_difference"] == 0
+    text = (tmp_path / "quick.md").read_text()
+    assert text.startswith(f"# The engine against static batching and the lockstep sampler: {report['machine']['cpu']}")
+    for heading in ("## a. One static batch", "## b. Open-loop Poisson arrivals", "## c. Mixed settings"):
+        assert heading in text
+
+
 def test_kernel_profile_sorts_kernel_names_into_categories():
     from kernel_profile import category
 
