@@ -15,9 +15,10 @@ b. **Open-loop arrivals.** Requests arrive as a Poisson process at 50% and 90% o
    images/s of full static batches of --max-rows rows. *Continuous*: an engine in its background
    thread, each request submitted at its arrival time. *Static*: a batch starts when the previous one
    ends and takes whatever has arrived, up to max_rows / 2 images (guided: two rows each), run by
-   ``pipe(...)`` with one generator per image. Both see the same arrival trace; latency is from arrival
-   to result. Reported: mean, p50, p99 latency and throughput (images over the time from the first
-   arrival to the last result).
+   ``pipe(...)`` with one generator per image. Both see the same arrival trace, --serve-repeats times
+   with the order alternating; latency is from arrival to result. Reported: mean, p50, p99 latency
+   (pooled over the repeats) and throughput (images over the time from the first arrival to the last
+   result). Also what the engine sustains: images/s with many single-image requests submitted at once.
 c. **Mixed settings.** Half the images at --mixed-steps steps per cell, half at --mixed-taper (one
    count per cell), all submitted at once to one engine, against the two groups as two static batches
    one after the other. Alternating rounds; images/s, and the largest latent difference between the
@@ -183,11 +184,17 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def summary(arrivals: list[float], done: list[float]) -> dict:
-    latencies = [d - a for a, d in zip(arrivals, done)]
+def summary(latencies: list[float], throughputs: list[float]) -> dict:
     return {"mean_latency_s": statistics.mean(latencies), "p50_latency_s": percentile(latencies, 50),
-            "p99_latency_s": percentile(latencies, 99), "throughput_images_per_s": len(done) / (max(done) - min(arrivals)),
+            "p99_latency_s": percentile(latencies, 99), "throughput_images_per_s": statistics.mean(throughputs),
             "latencies_s": latencies}
+
+
+def finished(requests: list[dict], done: list[float]) -> dict:
+    """One pass over a trace: each request's latency, and images over the first arrival to the last result."""
+    arrivals = [r["arrival"] for r in requests]
+    return {"latencies_s": [d - a for a, d in zip(arrivals, done)],
+            "throughput_images_per_s": len(done) / (max(done) - min(arrivals))}
 
 
 def serve_continuous(pipe, requests: list[dict], max_rows: int) -> dict:
@@ -206,7 +213,7 @@ def serve_continuous(pipe, requests: list[dict], max_rows: int) -> dict:
         for f in futures:
             f.result()
         calls, rows = engine.num_calls, engine.num_rows
-    return {**summary([r["arrival"] for r in requests], done), "network_calls": calls, "mean_rows_per_call": rows / calls}
+    return {**finished(requests, done), "network_calls": calls, "mean_rows_per_call": rows / calls}
 
 
 def serve_static(pipe, requests: list[dict], max_images: int) -> dict:
@@ -219,13 +226,12 @@ def serve_static(pipe, requests: list[dict], max_images: int) -> dict:
         batch = [i for i in waiting if requests[i]["arrival"] <= now][:max_images]
         pipe([requests[i]["label"] for i in batch], generator=generators(requests[i]["seed"] for i in batch),
              output_type="latent")
-        finished = time.perf_counter() - start
+        end = time.perf_counter() - start
         for i in batch:
-            done[i] = finished
+            done[i] = end
         waiting = waiting[len(batch):]
         batches.append(len(batch))
-    return {**summary([r["arrival"] for r in requests], done), "batches": len(batches),
-            "mean_images_per_batch": statistics.mean(batches)}
+    return {**finished(requests, done), "batches": len(batches), "mean_images_per_batch": statistics.mean(batches)}
 
 
 def arrival_trace(rate: float, count: int, num_classes: int, seed: int) -> list[dict]:
@@ -236,8 +242,11 @@ def arrival_trace(rate: float, count: int, num_classes: int, seed: int) -> list[
     return trace
 
 
-def open_loop(args, model: str, pipe) -> dict:
-    """Part b: capacity from full static batches, then both policies at each load on one trace per load."""
+def capacities(args, pipe) -> dict:
+    """Images/s of full static batches (what the loads are fractions of), and of the engine kept full
+    by single-image requests all submitted at once (its cells then at every stage: what it sustains)."""
+    from xar_infer import GenerationRequest
+
     images = args.max_rows // 2
     labels = list(range(images))
     pipe(labels, generator=generators(labels), output_type="latent")  # warm-up
@@ -246,26 +255,49 @@ def open_loop(args, model: str, pipe) -> dict:
         begin = time.perf_counter()
         pipe(labels, generator=generators(labels), output_type="latent")
         times.append(time.perf_counter() - begin)
-    capacity = images / statistics.median(times)
-    print(f"b. {model}: capacity {capacity:.3f} images/s (batches of {images} in {statistics.median(times):.2f} s)", flush=True)
+    count = 3 * images
+    with pipe.engine(max_rows=args.max_rows) as engine:
+        begin = time.perf_counter()
+        futures = [engine.submit(GenerationRequest(i % 1000, seed=i, output_type="latent")) for i in range(count)]
+        for f in futures:
+            f.result()
+        engine_seconds = time.perf_counter() - begin
+    return {"static_images_per_s": images / statistics.median(times), "static_batch_seconds": times,
+            "engine_images_per_s": count / engine_seconds, "engine_requests": count}
+
+
+def open_loop(args, model: str, pipe) -> dict:
+    """Part b: the capacities, then both policies at each load on one trace per load, repeated with
+    the order alternating; latencies pooled over the repetitions."""
+    images = args.max_rows // 2
+    capacity = capacities(args, pipe)
+    rate = capacity["static_images_per_s"]
+    print(f"b. {model}: capacity {rate:.3f} images/s static, {capacity['engine_images_per_s']:.3f} engine", flush=True)
     runs = []
     for load in args.loads:
-        trace = arrival_trace(load * capacity, args.requests, pipe.transformer.config.num_classes, seed=round(100 * load))
-        run = {"load": load, "arrival_rate_per_s": load * capacity, "requests": args.requests}
-        for name, serve in (("continuous", lambda: serve_continuous(pipe, trace, args.max_rows)),
-                            ("static", lambda: serve_static(pipe, trace, images))):
-            before = os.getloadavg()[0]
-            run[name] = {**serve(), "load_average": [before, os.getloadavg()[0]]}
-            print(f"b. {model}, load {load:.0%} {name}: mean {run[name]['mean_latency_s']:.2f} s, p99 {run[name]['p99_latency_s']:.2f} s, "
-                  f"{run[name]['throughput_images_per_s']:.3f} images/s", flush=True)
+        trace = arrival_trace(load * rate, args.requests, pipe.transformer.config.num_classes, seed=round(100 * load))
+        serve = {"continuous": lambda: serve_continuous(pipe, trace, args.max_rows),
+                 "static": lambda: serve_static(pipe, trace, images)}
+        passes = {name: [] for name in serve}
+        for repeat in range(args.serve_repeats):
+            for name in (("continuous", "static") if repeat % 2 == 0 else ("static", "continuous")):
+                before = os.getloadavg()[0]
+                passes[name].append({**serve[name](), "load_average": [before, os.getloadavg()[0]]})
+        run = {"load": load, "arrival_rate_per_s": load * rate, "requests": args.requests, "passes": passes}
+        for name, done in passes.items():
+            run[name] = summary([t for d in done for t in d["latencies_s"]], [d["throughput_images_per_s"] for d in done])
+            run[name]["load_average"] = [min(x for d in done for x in d["load_average"]),
+                                         max(x for d in done for x in d["load_average"])]
+            print(f"b. {model}, load {load:.0%} {name}: mean {run[name]['mean_latency_s']:.2f} s, "
+                  f"p99 {run[name]['p99_latency_s']:.2f} s, {run[name]['throughput_images_per_s']:.3f} images/s", flush=True)
         c, s = run["continuous"], run["static"]
         run["static_over_continuous"] = {"mean_latency": s["mean_latency_s"] / c["mean_latency_s"],
                                          "p99_latency": s["p99_latency_s"] / c["p99_latency_s"],
                                          "throughput": s["throughput_images_per_s"] / c["throughput_images_per_s"]}
         runs.append(run)
     return {"model": model, "steps_per_cell": args.serve_steps, "max_rows": args.max_rows,
-            "images_per_static_batch": images, "capacity_images_per_s": capacity, "capacity_batch_seconds": times,
-            "runs": runs}
+            "images_per_static_batch": images, "capacity_images_per_s": rate, "capacity": capacity,
+            "repeats": args.serve_repeats, "runs": runs}
 
 
 # ---- c: mixed settings ----------------------------------------------------------------------------
@@ -339,16 +371,19 @@ def markdown(report: dict) -> str:
     for b in report.get("open_loop", []):
         lines += [f"## b. Open-loop Poisson arrivals, {b['model']} model: continuous (engine) against static batching", "",
                   f"{b['model']} model ({config_text(b['model'])}), {b['steps_per_cell']} SDE steps per cell, max_rows {b['max_rows']} (static batches of "
-                  f"up to {b['images_per_static_batch']} images). Capacity: {b['capacity_images_per_s']:.3f} images/s "
-                  f"(full static batches). Latency from arrival to result; throughput over first arrival to last result.", "",
-                  "| load | requests | policy | mean latency s | p50 s | p99 s | images/s | calls or batches | load |",
+                  f"up to {b['images_per_static_batch']} images). Capacity: {b['capacity_images_per_s']:.3f} images/s in full static "
+                  f"batches; the engine kept full by {b['capacity']['engine_requests']} single-image requests made "
+                  f"{b['capacity']['engine_images_per_s']:.3f}. Each trace ran {b['repeats']} times, the order of the two "
+                  "policies alternating; latencies pooled, throughput (images over first arrival to last result) "
+                  "averaged.", "",
+                  "| load | requests | policy | mean latency s | p50 s | p99 s | images/s | calls or batches, last pass | load |",
                   "|---:|---:|---|---:|---:|---:|---:|---|---|"]
         for run in b["runs"]:
             for name in ("continuous", "static"):
-                r = run[name]
-                shape = (f"{r['network_calls']} calls, {r['mean_rows_per_call']:.1f} rows each" if name == "continuous"
-                         else f"{r['batches']} batches, {r['mean_images_per_batch']:.1f} images each")
-                lines.append(f"| {run['load']:.0%} | {run['requests']} | {name} | {r['mean_latency_s']:.2f} "
+                r, last = run[name], run["passes"][name][-1]
+                shape = (f"{last['network_calls']} calls, {last['mean_rows_per_call']:.1f} rows each" if name == "continuous"
+                         else f"{last['batches']} batches, {last['mean_images_per_batch']:.1f} images each")
+                lines.append(f"| {run['load']:.0%} | {run['requests']} x {b['repeats']} | {name} | {r['mean_latency_s']:.2f} "
                              f"| {r['p50_latency_s']:.2f} | {r['p99_latency_s']:.2f} | {r['throughput_images_per_s']:.3f} "
                              f"| {shape} | {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |")
         lines += ["", "| load | static / continuous: mean latency | p99 latency | throughput |", "|---:|---:|---:|---:|"]
@@ -397,7 +432,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-rows", type=int, default=32)
     parser.add_argument("--capacity-repeats", type=int, default=3)
     parser.add_argument("--loads", default="0.5,0.9")
-    parser.add_argument("--requests", type=int, default=120)
+    parser.add_argument("--requests", type=int, default=150)
+    parser.add_argument("--serve-repeats", type=int, default=2)
     parser.add_argument("--mixed-images", type=int, default=16)
     parser.add_argument("--mixed-steps", default="40")
     parser.add_argument("--mixed-taper", default="40,30,21,12")
@@ -412,7 +448,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.static_model, args.serve_models = "tiny", "tiny"
         args.static_batches, args.static_steps, args.rounds = "1,2", 1, 2
-        args.serve_steps, args.max_rows, args.capacity_repeats, args.requests = 1, 8, 1, 6
+        args.serve_steps, args.max_rows, args.capacity_repeats, args.requests, args.serve_repeats = 1, 8, 1, 6, 2
         args.mixed_images, args.mixed_steps, args.mixed_taper = 4, "2", "2,2,1,1"
     args.static_batches = [int(b) for b in args.static_batches.split(",")]
     args.loads = [float(x) for x in args.loads.split(",")]
