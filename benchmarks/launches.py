@@ -1,6 +1,6 @@
 """Kernel launches per image and per network call: what bounds batch-1 generation on a GPU, counted without one.
 
-    python benchmarks/launches.py                                  # the engine, torch and Triton backends
+    python benchmarks/launches.py                                  # the engine: both backends, eager and graphed
     python benchmarks/launches.py --lockstep-tree /tmp/xar-lockstep  # adds the lockstep sampler (9d58fcb)
     python benchmarks/launches.py --official-repo ~/src/xAR         # adds the official code
 
@@ -13,11 +13,13 @@ without running Triton: each of its kernel calls is one launch. A row's "tensors
 counts the tensors made from Python values (``torch.tensor``, ``as_tensor``): on a GPU each is a copy
 from the host, which costs the host about what a launch does, but on the CPU it dispatches no op.
 
+Calls replayed from a CUDA graph (``cuda_graphs.CUDAGraphs``, run off CUDA without capturing) count
+as one launch each; the ops inside them are reported separately.
+
 ``--lockstep-tree`` counts the sampler that ran before the engine (one lockstep batch, its KV cache
 grown by the model) from a checkout of it, e.g. ``git worktree add /tmp/xar-lockstep 9d58fcb``, in a
-subprocess that imports that tree's xar_infer: the same counter, so the numbers compare. It also
-counts that tree's CUDA-graph replays (each one launch; the ops inside reported separately). The
-engine's network calls have no CUDA graphs yet. Writes NAME.json and NAME.md.
+subprocess that imports that tree's xar_infer: the same counter, so the numbers compare. Writes
+NAME.json and NAME.md.
 """
 
 from __future__ import annotations
@@ -89,11 +91,11 @@ class LaunchCounter(TorchDispatchMode):
             self.counting = True
 
 
-def triton_stand_ins(counter: LaunchCounter, attention_kernel: bool = True) -> Backend:
+def triton_stand_ins(counter: LaunchCounter) -> Backend:
     """The Triton backend's launches without running Triton: each kernel call is one launch (plus the
     copy the step's launcher makes of a strided velocity), computed by the uncounted PyTorch reference.
-    ``attention_kernel=False``: attention runs the PyTorch reference, counted op by op (what the
-    engine's Triton backend does while ``kernels.ragged_attention`` does not exist)."""
+    Where ``BlockOps`` has ``attention_uses_groups`` (the engine), attention is the ragged kernel,
+    which reads the cells from the batch's device tensors; its stand-in rebuilds the batch from them."""
 
     def one_launch(reference, name: str):
         def kernel(*args):
@@ -108,9 +110,17 @@ def triton_stand_ins(counter: LaunchCounter, attention_kernel: bool = True) -> B
         with counter.paused():
             return flow_step(rule, x, velocity, *args, **kwargs)
 
-    ops = {f.name: one_launch(getattr(TORCH_OPS, f.name), f.name) for f in dataclasses.fields(BlockOps)}
-    if not attention_kernel:
-        ops["attention"] = TORCH_OPS.attention
+    def ragged_attention(q, k, v, cos, sin, cache, layer, batch):
+        from xar_infer.model import CellBatch
+
+        # A captured call's batch has no host-side groups: take the cells from its tensors, as the kernel does.
+        rebuilt = CellBatch.build(batch.slots.tolist(), batch.cells.tolist(), batch.labels, batch.times, q.device)
+        return TORCH_OPS.attention(q, k, v, cos, sin, cache, layer, rebuilt)
+
+    references = {f.name: getattr(TORCH_OPS, f.name) for f in dataclasses.fields(BlockOps)}
+    if "attention_uses_groups" in references:
+        references.update(attention=ragged_attention, attention_uses_groups=False)
+    ops = {name: one_launch(ref, name) if callable(ref) else ref for name, ref in references.items()}
     return Backend("triton (counted)", BlockOps(**ops), step)
 
 
@@ -142,17 +152,10 @@ def narrow(config):
     return dataclasses.replace(config, dim=96, num_heads=4, mlp_hidden_dim=_official_mlp_hidden(96))
 
 
-def ragged_kernel_exists() -> bool:
-    try:
-        from xar_infer import kernels
-    except ImportError:  # no triton
-        return False
-    return hasattr(kernels, "ragged_attention")
-
-
-def count_engine(preset_name: str, batch: int, steps: int, triton: bool, attention_kernel: bool = True) -> LaunchCounter:
-    """One ``pipe(...)`` batch on the engine (``generate_latents``), eagerly."""
-    from xar_infer.engine import generate_latents
+def count_engine(preset_name: str, batch: int, steps: int, triton: bool, graphs: bool) -> LaunchCounter:
+    """One ``pipe(...)`` batch on the engine (``generate_latents``), eagerly or replaying CUDA graphs."""
+    from xar_infer.cuda_graphs import CUDAGraphs
+    from xar_infer.engine import EagerNetwork, generate_latents
     from xar_infer.settings import SamplingSettings
 
     preset = PRESETS[preset_name]
@@ -160,10 +163,17 @@ def count_engine(preset_name: str, batch: int, steps: int, triton: bool, attenti
     settings = SamplingSettings.build(model.config.num_cells, steps, preset.guidance_scale)
     labels = torch.arange(batch)
     counter = LaunchCounter()
-    backend = triton_stand_ins(counter, attention_kernel) if triton else TORCH
-    noise = NoiseSource(torch.Generator().manual_seed(0), batch, torch.device("cpu"))
-    with torch.no_grad(), counter:
-        generate_latents(model, labels, settings, noise, backend)
+    backend = triton_stand_ins(counter) if triton else TORCH
+    network = CUDAGraphs(capture=False).network if graphs else EagerNetwork
+    run = lambda: generate_latents(model, labels, settings,  # noqa: E731
+                                   NoiseSource(torch.Generator().manual_seed(0), batch, torch.device("cpu")),
+                                   backend, network=network)
+    with torch.no_grad():
+        if graphs:
+            run()  # the capturing call; the count is for the calls after it, which replay only
+        counter.launched.clear()
+        with graph_replays_counted(counter), counter:
+            run()
     return counter
 
 
@@ -287,11 +297,9 @@ def main(argv=None) -> None:
     if args.lockstep_tree:
         rows += run_lockstep_tree(args.lockstep_tree, args)
     for triton in (False, True):
-        name = f"engine, {'triton backend, attention as one launch' if triton else 'torch backend'}"
-        rows.append(row(name, count_engine(args.preset, args.batch, args.steps, triton), calls, args.batch))
-    if not ragged_kernel_exists():
-        rows.append(row("engine, triton backend today (no kernels.ragged_attention: attention by the PyTorch path)",
-                        count_engine(args.preset, args.batch, args.steps, True, attention_kernel=False), calls, args.batch))
+        for graphs in (False, True):
+            name = f"engine, {'triton' if triton else 'torch'} backend{', CUDA graphs' if graphs else ''}"
+            rows.append(row(name, count_engine(args.preset, args.batch, args.steps, triton, graphs), calls, args.batch))
     report = {"settings": {"preset": args.preset, "batch": args.batch, "steps": args.steps,
                            "cfg": preset.guidance_scale, "command": " ".join(["python benchmarks/launches.py", *(argv or sys.argv[1:])])},
               "torch": torch.__version__, "rows": rows}

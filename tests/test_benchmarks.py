@@ -137,30 +137,6 @@ def test_mkl_contender_runs_the_linear_layers_by_f_linear():
 
 
 @pytest.mark.triton
-def test_fused_contender_keeps_the_fused_attention_kernel(monkeypatch):
-    """``xar-l+triton+fused`` measures what the SDPA route gains: with the route's threshold lowered so
-    that every fp16 call would take it, the plain triton contender calls SDPA and the +fused one does
-    not, and the threshold is back afterwards."""
-    from contenders import XARContender
-
-    from xar_infer import backends
-    from xar_infer.model import cached_attention
-
-    if backends.resolve_backend("triton", "cpu").ops.attention is cached_attention:
-        pytest.skip("the engine's Triton backend has no attention kernel yet (kernels.ragged_attention), so neither "
-                    "an SDPA route nor a fused kernel for +fused to keep")
-    monkeypatch.setattr(backends, "SDPA_MIN_BATCH_HEADS", 1)
-    with pytest.warns(UserWarning, match="float16"):  # fp16 on a CPU: slow, but the route is what counts here
-        routed, routed_ops = _generate_with_op_names(XARContender("xar-digits", "cpu", torch.float16, backend="triton"))
-        fused, fused_ops = _generate_with_op_names(XARContender("xar-digits", "cpu", torch.float16, backend="triton+fused"))
-    assert "aten::scaled_dot_product_attention" in routed_ops and "aten::scaled_dot_product_attention" not in fused_ops
-    assert backends.SDPA_MIN_BATCH_HEADS == 1
-    assert ((routed.float() - fused.float()).norm() / fused.float().norm()).item() < 0.03  # test_backends' fp16 bound
-    with pytest.raises(ValueError, match="for triton"):
-        XARContender("xar-digits", "cpu", torch.float32, backend="torch+fused")
-
-
-@pytest.mark.triton
 def test_attention_microbenchmark_runs(tmp_path):
     """Smoke run of the attention microbenchmark (on CPU the kernel is interpreted: times mean nothing,
     but every contender runs on the real xAR-B shapes and their outputs agree)."""
@@ -198,20 +174,21 @@ def test_vae_tiling_benchmark_runs(tmp_path):
 
 
 def test_launch_count_benchmark_runs(tmp_path):
-    """Smoke run at 2 steps: every engine row, and the counts ordered as they must be (the Triton
-    backend launches fewer ops than the PyTorch one, and fewer still with attention in one kernel);
-    per network call is per image over the 8 calls (2 steps x 4 cells) of a batch of one."""
+    """Smoke run at 2 steps: every engine row, and the counts ordered as they must be (graphs launch
+    fewer ops than eager calls; the Triton backend fewer than the PyTorch one); per network call is
+    per image over the 8 calls (2 steps x 4 cells) of a batch of one."""
     subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--steps", "2", "--out-dir", str(tmp_path),
                     "--name", "smoke"], check=True, capture_output=True, timeout=600)
     rows = {r["implementation"]: r for r in json.loads((tmp_path / "smoke.json").read_text())["rows"]}
-    torch_eager, triton_eager = rows["engine, torch backend"], rows["engine, triton backend, attention as one launch"]
-    assert triton_eager["launches_per_image"] < torch_eager["launches_per_image"]
-    today = [r for name, r in rows.items() if name.startswith("engine, triton backend today")]
-    for r in today:  # only while kernels.ragged_attention does not exist
-        assert triton_eager["launches_per_image"] < r["launches_per_image"] < torch_eager["launches_per_image"]
+    launches = {name: r["launches_per_image"] for name, r in rows.items()}
+    torch_eager, torch_graphs = launches["engine, torch backend"], launches["engine, torch backend, CUDA graphs"]
+    triton_eager, triton_graphs = launches["engine, triton backend"], launches["engine, triton backend, CUDA graphs"]
+    assert triton_graphs < torch_graphs < triton_eager < torch_eager
+    assert rows["engine, triton backend, CUDA graphs"]["ops_inside_graphs_per_image"] > triton_eager / 2
     for r in rows.values():
         assert r["launches_per_network_call"] * 8 == r["launches_per_image"]
-        assert r["host_tensors_per_network_call"] > 0  # the engine packs each call's cells from Python lists
+    # The engine packs each eager call's cells from Python lists.
+    assert rows["engine, triton backend"]["host_tensors_per_network_call"] > 0
     assert "| engine, torch backend |" in (tmp_path / "smoke.md").read_text()
 
 
@@ -288,16 +265,12 @@ def test_kernel_profile_runs_on_cpu(tmp_path):
 
 @pytest.mark.triton
 def test_attention_kernels_compile_for_hopper_with_vector_loads_only(tmp_path):
-    """Compiled for sm_90 without a GPU (Triton's own LLVM and ptxas): every global read is a 16-byte
-    vector load and nothing spills, for the fused kernel in the launch configuration of a later step
-    with many programs, for the SDPA route's RoPE and cache-write kernel, and for the continuous-batching
-    kernel with many programs, whose only other reads are its segment's four table entries."""
+    """Compiled for sm_90 without a GPU (Triton's own LLVM and ptxas): the continuous-batching kernel in
+    the launch configuration for many programs reads its tiles with 16-byte vector loads only (its
+    only scalar reads are its segment's four table entries) and spills nothing."""
     subprocess.run([sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dims", "64", "--programs", "many",
                     "--out-dir", str(tmp_path), "--name", "smoke"], check=True, capture_output=True, timeout=600)
     rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
-    later = next(r for r in rows if r["kernel"] == "fused attention" and r["step"] == "later")
-    rotate = next(r for r in rows if r["kernel"] == "rotate into cache")
-    ragged = next(r for r in rows if r["kernel"] == "ragged attention")
-    for row, table_reads in ((later, 0), (rotate, 0), (ragged, 4)):  # slot, cell, row start, the row's first cell
-        assert row["vector_loads"] > 0 and row["scalar_loads"] == table_reads
-        assert row["spill_store_bytes"] == 0 and 0 < row["registers"] <= 255
+    [ragged] = [r for r in rows if r["kernel"] == "ragged attention"]
+    assert ragged["vector_loads"] > 0 and ragged["scalar_loads"] == 4  # slot, cell, row start, the row's first cell
+    assert ragged["spill_store_bytes"] == 0 and 0 < ragged["registers"] <= 255
