@@ -1,23 +1,27 @@
-"""Microbenchmark: xar_infer's block-causal attention kernel against SDPA and FlexAttention.
+"""Microbenchmark: the attention of one network call, xar_infer's kernels against its PyTorch path, SDPA and FlexAttention.
 
     python benchmarks/attention.py                      # CUDA, bf16, the xAR-B and xAR-H shapes
-    python benchmarks/attention.py --sweep --batch-sizes 2,512   # the kernel's launch configurations
+    python benchmarks/attention.py --sweep --batch-sizes 2,512   # a kernel's launch configurations
     TRITON_INTERPRET=1 python benchmarks/attention.py --device cpu --dtype fp32 --batch-sizes 1 --repeats 1 --name smoke
 
-For each model shape, batch (rows of the doubled batch) and call kind (a cell's first step: 128 new
-tokens of which 64 are committed to the cache; a later step: 64 new tokens) at cache lengths 0-192,
-times, as medians after a warm-up:
+For each model shape, batch (KV-cache slots: rows of the doubled batch) and call kind at cache lengths
+0-192 (the context before the call, in whole cells): a cell's first call runs the previous cell, clean,
+and the noisy one (two cells per slot, 128 new tokens), a later call the noisy cell alone (64). Times,
+as medians after a warm-up:
 
-* ``triton``: ``xar_infer.kernels.block_causal_attention``, which also rotates q/k and writes the cache;
-* ``triton rope + sdpa``: ``xar_infer.kernels.sdpa_block_causal_attention``, the Triton backend's route
+* ``torch path``: ``model.cached_attention`` on the call's ``CellBatch`` (RoPE, cache write, SDPA per
+  cell index), the reference, which the PyTorch backend runs;
+* ``triton ragged``: ``xar_infer.kernels.ragged_attention``, the engine's kernel for packed cells (when
+  it exists), which also rotates q/k and writes the cache;
+* ``triton lockstep``: ``kernels.block_causal_attention``, the kernel of the lockstep sampler before the
+  engine, on the same call laid out as [slots, new tokens] (when it exists);
+* ``triton rope + sdpa``: ``kernels.sdpa_block_causal_attention``, the lockstep Triton backend's route
   for large bf16/fp16 batches: a Triton kernel rotates q/k and writes the cache, then SDPA per query cell;
-* ``torch path``: ``model.cached_attention`` (RoPE, cache write, SDPA with a mask on first steps),
-  what the PyTorch backend runs;
 * ``sdpa``: ``scaled_dot_product_attention`` alone on already rotated q and cached k/v;
 * ``flex``: compiled FlexAttention alone, with the block-causal rule as a block mask (CUDA only).
 
 Outputs are checked against each other before timing. Writes NAME.json and NAME.md to --out-dir.
-On CPU the kernel runs in Triton's interpreter: its times there say nothing about speed.
+On CPU the kernels run in Triton's interpreter: their times there say nothing about speed.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ import torch.nn.functional as F
 import triton
 
 from run import DTYPES
+from xar_infer.config import PRESETS
 
 HERE = Path(__file__).resolve().parent
-SHAPES = {"xar-b": (12, 64), "xar-h": (16, 80)}  # heads, head_dim
 T = 64
 
 
@@ -61,39 +65,62 @@ def timed_median(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def case(heads: int, head_dim: int, batch: int, cache_len: int, first: bool, device: str, dtype: torch.dtype,
-         with_flex: bool = True):
-    from xar_infer.kernels import block_causal_attention, sdpa_block_causal_attention
-    from xar_infer.model import KVCache, apply_rope, block_causal_mask, cached_attention
+def case(model: str, batch: int, cache_len: int, first: bool, device: str, dtype: torch.dtype, with_flex: bool = True):
+    """The contenders for one network call's attention, each returning [cells, T, heads, head_dim].
 
-    num_new, num_commit = (2 * T, T) if first else (T, 0)
-    q, k, v = torch.randn(batch, num_new, 3, heads, head_dim, device=device, dtype=dtype).unbind(2)
-    angles = torch.rand(num_new, head_dim, device=device) * 6
-    cos, sin = angles.cos(), angles.sin()
-    config = SimpleNamespace(num_heads=heads, seq_len=cache_len + num_new, head_dim=head_dim, num_layers=1)
-    cache = KVCache(config, batch, dtype, device)
+    ``batch`` slots each hold ``cache_len`` tokens (whole cells) of context. A later call evaluates one
+    cell per slot, the next; a first call also runs the previous cell: cells ``cache_len / T`` and the
+    one after, packed one after the other in the engine's order.
+    """
+    from xar_infer import kernels
+    from xar_infer.config import PRESETS
+    from xar_infer.model import CellBatch, KVCache, apply_rope, block_causal_mask, cached_attention, rope_tables
+
+    config = PRESETS[model].config
+    heads, head_dim = config.num_heads, config.head_dim
+    cells_per_slot = 2 if first else 1
+    start = cache_len // T
+    num_new, end = cells_per_slot * T, cache_len + cells_per_slot * T
+    cells = batch * cells_per_slot
+    batch_cells = CellBatch.build([b for b in range(batch) for _ in range(cells_per_slot)],
+                                  [start + i for _ in range(batch) for i in range(cells_per_slot)],
+                                  [0] * cells, [0.0] * cells, device)
+    q, k, v = torch.randn(cells, T, 3, heads, head_dim, device=device, dtype=dtype).unbind(2)
+    cos, sin = (table.to(device) for table in rope_tables(config))
+    cache = KVCache(SimpleNamespace(num_heads=heads, seq_len=config.seq_len, head_dim=head_dim, num_layers=1),
+                    batch, dtype, device)
     cache.keys[0][:, :, :cache_len].normal_()
     cache.values[0][:, :, :cache_len].normal_()
-    cache.length = cache_len
 
+    # The lockstep layout of the same call: [slots, new tokens, heads, head_dim], a view.
+    q_rows, k_rows, v_rows = (t.view(batch, num_new, heads, head_dim) for t in (q, k, v))
+    new_cos, new_sin = cos[cache_len:end], sin[cache_len:end]
     # Inputs of the attention-only contenders: rotated queries, keys/values already in the cache.
-    q_rot = apply_rope(q.transpose(1, 2), cos, sin)
-    end = cache_len + num_new
-    cache.keys[0][:, :, cache_len:end] = apply_rope(k.transpose(1, 2), cos, sin)
-    cache.values[0][:, :, cache_len:end] = v.transpose(1, 2)
+    q_rot = apply_rope(q_rows.transpose(1, 2), new_cos, new_sin)
+    cache.keys[0][:, :, cache_len:end] = apply_rope(k_rows.transpose(1, 2), new_cos, new_sin)
+    cache.values[0][:, :, cache_len:end] = v_rows.transpose(1, 2)
     keys, values = cache.keys[0][:, :, :end], cache.values[0][:, :, :end]
     mask = block_causal_mask(T, cache_len, num_new).to(device) if first else None
 
+    def cells_of(out_rows: torch.Tensor) -> torch.Tensor:  # [slots, new tokens, ...] -> [cells, T, ...]
+        return out_rows.reshape(cells, T, heads, head_dim)
+
     runs = {
-        # A launch configuration can be passed as config= (the sweep does).
-        "triton": functools.partial(block_causal_attention, q, k, v, cos, sin, cache.keys[0], cache.values[0], cache_len,
-                                    num_commit, T),
-        # Writes the same rotated keys and values into the cache rows that "sdpa" reads.
-        "triton rope + sdpa": functools.partial(sdpa_block_causal_attention, q, k, v, cos, sin, cache.keys[0],
-                                                cache.values[0], cache_len, T),
-        "torch path": lambda: cached_attention(q, k, v, cos, sin, cache, 0, num_commit, T),
-        "sdpa": lambda: F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask).transpose(1, 2),
+        "torch path": lambda: cached_attention(q, k, v, cos, sin, cache, 0, batch_cells),
+        "sdpa": lambda: cells_of(F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask).transpose(1, 2)),
     }
+    # Each kernel writes the same rotated keys and values into the cache rows that "sdpa" reads. A
+    # launch configuration can be passed as config= (the sweep does).
+    if hasattr(kernels, "ragged_attention"):
+        runs["triton ragged"] = functools.partial(kernels.ragged_attention, q, k, v, cos, sin, cache.keys[0],
+                                                  cache.values[0], batch_cells.slots, batch_cells.cells,
+                                                  batch_cells.row_starts, T)
+    if hasattr(kernels, "block_causal_attention"):  # the lockstep path's kernel, on the same call
+        runs["triton lockstep"] = lambda config=None: cells_of(kernels.block_causal_attention(
+            q_rows, k_rows, v_rows, new_cos, new_sin, cache.keys[0], cache.values[0], cache_len, num_new, T, config=config))
+    if hasattr(kernels, "sdpa_block_causal_attention"):
+        runs["triton rope + sdpa"] = lambda: cells_of(kernels.sdpa_block_causal_attention(
+            q_rows, k_rows, v_rows, new_cos, new_sin, cache.keys[0], cache.values[0], cache_len, T))
     if device.startswith("cuda") and with_flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -102,7 +129,7 @@ def case(heads: int, head_dim: int, batch: int, cache_len: int, first: bool, dev
 
         block_mask = create_block_mask(visible, None, None, num_new, end, device=device)
         flex = torch.compile(flex_attention)
-        runs["flex"] = lambda: flex(q_rot, keys, values, block_mask=block_mask).transpose(1, 2)
+        runs["flex"] = lambda: cells_of(flex(q_rot, keys, values, block_mask=block_mask).transpose(1, 2))
     return runs
 
 
@@ -115,23 +142,27 @@ SWEEP = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
 
 
 def sweep(args, dtype: torch.dtype, dtype_name: str) -> None:
-    """Times the kernel under every launch configuration in SWEEP (those that fit the GPU) against
-    ``launch_config``'s choice, at cache length 128: the data for choosing ``launch_config``."""
+    """Times a kernel under every launch configuration in SWEEP (those that fit the GPU) against its
+    launcher's own choice, at cache length 128: the data for choosing launch configurations. The
+    kernel is ``ragged_attention`` where it exists, else the lockstep ``block_causal_attention``."""
     from xar_infer.kernels.attention import launch_config
 
     rows = []
     with torch.inference_mode():
         for model in args.models.split(","):
-            heads, head_dim = SHAPES[model]
+            head_dim = PRESETS[model].config.head_dim
             for batch in map(int, args.batch_sizes.split(",")):
                 for first in (True, False):
-                    runs = case(heads, head_dim, batch, 128, first, args.device, dtype, with_flex=False)
+                    runs = case(model, batch, 128, first, args.device, dtype, with_flex=False)
+                    kernel = "triton ragged" if "triton ragged" in runs else "triton lockstep"
                     expected = runs["sdpa"]().float()
                     num_new = 2 * T if first else T
-                    chosen = launch_config(num_new, head_dim, dtype, batch * heads)
+                    # The lockstep launcher's choice; the ragged one's is its own.
+                    chosen = (launch_config(num_new, head_dim, dtype, batch * PRESETS[model].config.num_heads)
+                              if kernel == "triton lockstep" else "launcher's own")
                     times = {}
-                    for config in [chosen] + [c for c in SWEEP if c["BLOCK_M"] <= max(64, num_new) and c != chosen]:
-                        call = functools.partial(runs["triton"], config=config)
+                    for config in [None] + [c for c in SWEEP if c["BLOCK_M"] <= max(64, num_new) and c != chosen]:
+                        call = functools.partial(runs[kernel], config=config)
                         try:
                             if (call().float() - expected).abs().max().item() > 2e-2:
                                 raise SystemExit(f"config {config} gives wrong results")
@@ -139,21 +170,21 @@ def sweep(args, dtype: torch.dtype, dtype_name: str) -> None:
                             continue
                         times[json.dumps(config)] = 1e6 * timed_median(call, args.device, args.repeats)
                     best = min(times, key=times.get)
-                    row = {"model": model, "batch": batch, "step": "first" if first else "later",
-                           "chosen": chosen, "chosen us": times[json.dumps(chosen)], "best": json.loads(best),
+                    row = {"model": model, "kernel": kernel, "batch": batch, "step": "first" if first else "later",
+                           "chosen": chosen, "chosen us": times["null"], "best": json.loads(best) or chosen,
                            "best us": times[best], "all us": times}
                     rows.append(row)
-                    print(f"{model} batch {batch} {row['step']}: chosen {row['chosen us']:.1f} us, best {row['best us']:.1f} us "
-                          f"with {best}", flush=True)
+                    print(f"{model} {kernel} batch {batch} {row['step']}: chosen {row['chosen us']:.1f} us, "
+                          f"best {row['best us']:.1f} us with {best}", flush=True)
     name = args.name or f"attention-sweep-{args.device.split(':')[0]}-{dtype_name}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     device_name = describe_device(args.device)
     (args.out_dir / f"{name}.json").write_text(json.dumps({"device": device_name, "dtype": dtype_name, "rows": rows}, indent=2) + "\n")
     lines = [f"# Attention launch configurations: {device_name}, {dtype_name}, cache length 128", "",
-             "| model | batch | step | chosen | us | best | us |", "|---|---:|---|---|---:|---|---:|"]
+             "| model | kernel | batch | step | chosen | us | best | us |", "|---|---|---:|---|---|---:|---|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['step']} | {r['chosen']} | {r['chosen us']:.1f} | {r['best']} "
-                     f"| {r['best us']:.1f} |")
+        lines.append(f"| {r['model']} | {r['kernel']} | {r['batch']} | {r['step']} | {r['chosen']} | {r['chosen us']:.1f} "
+                     f"| {r['best']} | {r['best us']:.1f} |")
     (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -178,16 +209,18 @@ def main(argv=None) -> None:
     rows = []
     with torch.inference_mode():
         for model in args.models.split(","):
-            heads, head_dim = SHAPES[model]
+            config = PRESETS[model].config
             for batch in map(int, args.batch_sizes.split(",")):
                 for cache_len in map(int, args.cache_lengths.split(",")):
                     for first in (True, False):
-                        runs = case(heads, head_dim, batch, cache_len, first, args.device, dtype)
+                        if cache_len % T or cache_len // T + (2 if first else 1) > config.num_cells:
+                            continue  # not whole cells, or past the image's last cell
+                        runs = case(model, batch, cache_len, first, args.device, dtype)
                         outputs = {name: fn().float() for name, fn in runs.items()}
                         worst = max((out - outputs["sdpa"]).abs().max().item() for out in outputs.values())
                         if worst > tolerance:
                             raise SystemExit(f"{model} batch {batch} cache {cache_len}: outputs differ by {worst:.2e}")
-                        row = {"model": model, "heads": heads, "head_dim": head_dim, "batch": batch,
+                        row = {"model": model, "heads": config.num_heads, "head_dim": config.head_dim, "batch": batch,
                                "cache_len": cache_len, "step": "first" if first else "later", "max_difference": worst}
                         for name, fn in runs.items():
                             row[f"{name} us"] = 1e6 * timed_median(fn, args.device, args.repeats)
@@ -201,14 +234,15 @@ def main(argv=None) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     columns = [c for c in rows[0] if c.endswith(" us")]
+    kernels = [c.removesuffix(" us") for c in columns if c.startswith("triton")]
     lines = [f"# Attention microbenchmark: {device_name}, {dtype_name}", "", f"`{report['command']}`, torch {torch.__version__}; "
-             "median microseconds per call.", "",
-             "| model | batch | cache | step | " + " | ".join(columns) + " | triton vs sdpa | rope + sdpa vs triton |",
-             "|---|---:|---:|---|" + "---:|" * (len(columns) + 2)]
+             "median microseconds per call; the last columns: how many times faster than the torch path.", "",
+             "| model | batch | cache | step | " + " | ".join(columns) + "".join(f" | {k} vs torch path" for k in kernels) + " |",
+             "|---|---:|---:|---|" + "---:|" * (len(columns) + len(kernels))]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['cache_len']} | {r['step']} | "
                      + " | ".join(f"{r[c]:.1f}" for c in columns)
-                     + f" | {r['sdpa us'] / r['triton us']:.2f}x | {r['triton us'] / r['triton rope + sdpa us']:.2f}x |")
+                     + "".join(f" | {r['torch path us'] / r[f'{k} us']:.2f}x" for k in kernels) + " |")
     (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out_dir / name}.json and .md")
 

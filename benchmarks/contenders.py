@@ -9,15 +9,18 @@ the model's official recipe uses; the runner may time fewer steps and extrapolat
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
 
 from flops import counted_flops, dit_xl2_flops_per_forward, xar_flops_per_image
-from xar_infer import XARPipeline, XARTransformer, backends
+from xar_infer import XARPipeline, XARTransformer
 from xar_infer.config import PRESETS
 from xar_infer.loading import released_buffers
-from xar_infer.sampling import ModulationTable, cell_step_counts, modulation_times
+from xar_infer.engine import Engine
+from xar_infer.engine.engine import ModulationTable
+from xar_infer.settings import SamplingSettings
 from xar_infer.vae import AutoencoderKLDecoder, VAEConfig
 
 
@@ -82,8 +85,7 @@ class XARContender(Contender):
     """xar_infer's pipeline on a preset's architecture, with MAR's KL-16 decoder.
 
     ``backend``: ``torch`` or ``triton``, with ``+graphs`` to replay the network calls from CUDA graphs,
-    ``+mkl`` for fp32 linear layers by F.linear on CPU (what ``backends.onednn_linear`` gains), or
-    ``+fused`` for the fused attention kernel at every batch size (what the SDPA route gains).
+    or ``+mkl`` for fp32 linear layers by F.linear on CPU (what ``backends.onednn_linear`` gains).
     ``mode``: ``exact`` (the released sampler's results), ``taper`` (per-cell step counts) or
     ``interval`` (guidance interval); the last two change the outputs and are always timed in full.
     """
@@ -95,12 +97,10 @@ class XARContender(Contender):
         precision = f"{str(dtype).removeprefix('torch.')}, " if dtype_in_name else ""
         self.name = f"xar_infer {preset_name} ({backend}, {precision}{mode if mode == 'exact' else mode + ', changes outputs'})"
         kernels, _, extra = backend.partition("+")
-        if extra not in ("", "graphs", "mkl", "fused") or (extra == "fused" and kernels != "triton"):
-            raise ValueError(f"unknown backend {backend!r}: torch or triton, optionally with +graphs (CUDA graphs), "
-                             "+mkl (fp32 linear layers by torch's BLAS instead of oneDNN, on CPU) or, for triton, "
-                             "+fused (the fused attention kernel instead of the SDPA route at large batches)")
+        if extra not in ("", "graphs", "mkl"):
+            raise ValueError(f"unknown backend {backend!r}: torch or triton, optionally with +graphs (CUDA graphs) "
+                             "or +mkl (fp32 linear layers by torch's BLAS instead of oneDNN, on CPU)")
         self.blas_linears = extra == "mkl"
-        self.fused_attention = extra == "fused"
         self.nominal_steps = preset.num_inference_steps
         steps = self.steps(preset.num_inference_steps)
         steps_text = "/".join(map(str, steps)) if isinstance(steps, list) else str(steps)
@@ -125,29 +125,29 @@ class XARContender(Contender):
     def generate(self, batch: int, steps: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         self.batch = batch
-        # Both switches are read at every call: backends.onednn_linear reads mkldnn.enabled, the Triton
-        # backend's attention SDPA_MIN_BATCH_HEADS.
-        onednn, sdpa_from = torch.backends.mkldnn.enabled, backends.SDPA_MIN_BATCH_HEADS
+        # Read at every call by backends.onednn_linear.
+        onednn = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = onednn and not self.blas_linears
-        if self.fused_attention:
-            backends.SDPA_MIN_BATCH_HEADS = sys.maxsize
         try:
             return self.pipe(list(range(batch)), num_inference_steps=self.steps(steps), generator=generator,
                              output_type="latent",
                              guidance_interval=GUIDANCE_INTERVAL if self.mode == "interval" else None).images
         finally:
-            torch.backends.mkldnn.enabled, backends.SDPA_MIN_BATCH_HEADS = onednn, sdpa_from
+            torch.backends.mkldnn.enabled = onednn
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipe.decode(latents)
 
     def flops_per_image(self, steps: int) -> float:
-        # Whether generate_tokens used its modulation table (it does up to a size) decides the count.
-        times = modulation_times("sde", cell_step_counts(self.steps(steps), self.preset.config.num_cells))
-        rows = self.batch * (2 if self.preset.guidance_scale > 1 else 1)
-        table = ModulationTable.fits(self.pipe.transformer, rows, len(times))
-        return xar_flops_per_image(self.preset.config, self.steps(steps), self.preset.guidance_scale, modulation_table=table,
-                                   guidance_interval=GUIDANCE_INTERVAL if self.mode == "interval" else None)
+        # Whether the engine made a modulation table (it does up to a size, by default in pipe()) decides the count.
+        config, interval = self.preset.config, GUIDANCE_INTERVAL if self.mode == "interval" else None
+        plan = SamplingSettings.build(config.num_cells, self.steps(steps), self.preset.guidance_scale,
+                                      guidance_interval=interval).plan(config.num_cells)
+        rows = self.batch * (2 if plan.guided else 1)
+        table_bytes = inspect.signature(Engine).parameters["modulation_table_bytes"].default
+        table = ModulationTable.nbytes(self.pipe.transformer, rows, len(plan.modulation_times)) <= table_bytes
+        return xar_flops_per_image(config, self.steps(steps), self.preset.guidance_scale, modulation_table=table,
+                                   guidance_interval=interval)
 
     def decode_flops_per_image(self) -> float:
         return counted_flops(lambda: self.decode(torch.zeros(1, 16, 16, 16, device=self.device)))

@@ -2,16 +2,20 @@
 "118.6 GFLOPs" for DiT-XL/2 counts multiply-adds: 237 GFLOPs here). Only matrix products count:
 norms, activations and the sampler's elementwise work are a fraction of a percent.
 
-xAR, per evaluation of q query tokens against k keys, per layer (D width, H MLP hidden):
+xAR, per network evaluation of q query tokens against k keys, per layer (D width, H MLP hidden):
     2 q (4 D^2 + 3 D H)        qkv, proj and the gated MLP
-  + 4 q k D                    attention scores and weighted sum (masked entries computed too)
+  + 4 q k D                    attention scores and weighted sum
   + 2 cells 6 D^2              adaLN modulation, once per cell of the input
   + per evaluation: 2 q D (c + D + c) for z_proj, decoder_embed and pred (c token channels),
     and 2 cells (F D + D^2) for the time-embedding MLP (F sinusoidal frequencies)
-Cell s (0-based, T tokens per cell) is evaluated N times: the first with q = 2T (the previous cell is
-re-run) if s > 0, the rest with q = T; keys k = (s + 1) T. The released sampler doubles every
-evaluation for guidance and computes the modulation per evaluation; xar_infer skips the discarded
-unconditional half of the first cell and computes all modulations once (``xar_flops_per_image``).
+Cell s (0-based, T tokens per cell) is evaluated N times; on its first call (s > 0) the previous cell
+is run again, clean, to put it in the cache. The released sampler runs every call for both guidance
+halves, the first as q = 2T queries against k = (s + 1) T keys (the previous cell's scores against the
+noisy cell computed, then masked), and computes the modulation at every call. xar_infer's engine runs
+each cell of a call on its own keys (the previous cell: T queries, k = s T; the noisy cell: T queries,
+k = (s + 1) T), runs the unconditional half only for what it needs (the noisy cell where the call
+guides, the previous cell on a first call when any cell guides), and computes all modulations once
+per image (``xar_flops_per_image``).
 
 DiT-XL/2 per forward pass (n = 256 tokens of 1152, 28 blocks, MLP 4D):
     28 [2 n 12 D^2 + 4 n^2 D + 2 (6 D^2 + 256 D + D^2)] + 2 n D (16 + 32) + 2 (2 D^2 + 256 D + D^2)
@@ -30,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from xar_infer.config import XARConfig
-from xar_infer.sampling import cell_guidance_scales, evaluation_times
+from xar_infer.settings import cell_guidance_scales, evaluation_times
 
 
 def xar_evaluation_flops(c: XARConfig, queries: int, keys: int, cells: int, modulation: bool = True) -> float:
@@ -50,10 +54,11 @@ def xar_flops_per_image(c: XARConfig, steps: int | list[int], guidance_scale: fl
                         guidance_interval: tuple[float, float] | None = None, modulation_table: bool = True) -> float:
     """FLOPs of generating one image's latent with the SDE sampler and the linear guidance schedule;
     ``steps``: evaluations per cell (one count, or one per cell). ``released=True``: the released
-    sampler's work (every evaluation doubled when guided, modulations computed per evaluation).
-    Otherwise xar_infer's, as ``sampling.generate_tokens`` does it: an evaluation runs the
-    unconditional half only when it guides (or caches the previous cell for later guided calls), and
-    with ``modulation_table`` all (row, time) modulations are computed once up front."""
+    sampler's work (every evaluation doubled when guided, the first of a cell as 2T queries over the
+    whole context, modulations computed per evaluation). Otherwise xar_infer's engine's, as
+    ``engine.generate_latents`` does it: each cell of a call on its own keys, the unconditional half
+    only where it guides or adds the previous cell to its context, and with ``modulation_table`` all
+    (row, time) modulations computed once up front."""
     T, total = c.tokens_per_cell, 0.0
     counts = steps if isinstance(steps, list) else [steps] * c.num_cells
     scales = cell_guidance_scales(guidance_scale, c.num_cells)
@@ -63,11 +68,18 @@ def xar_flops_per_image(c: XARConfig, steps: int | list[int], guidance_scale: fl
     times = {0.0}
     for s, n in enumerate(counts):
         for i, t in enumerate(evaluation_times("sde", n)):
-            with_prefix = i == 0 and s > 0
-            doubled = guided and (released or with_prefix or (scales[s] > 1 and lo <= t <= hi))
-            queries, cells = (2 * T, 2) if with_prefix else (T, 1)
-            total += (2 if doubled else 1) * xar_evaluation_flops(c, queries, (s + 1) * T, cells, per_call_modulation)
             times.add(t)
+            with_prefix = i == 0 and s > 0
+            if released:
+                queries, cells = (2 * T, 2) if with_prefix else (T, 1)
+                total += (2 if guided else 1) * xar_evaluation_flops(c, queries, (s + 1) * T, cells, per_call_modulation)
+                continue
+            noisy = xar_evaluation_flops(c, T, (s + 1) * T, 1, per_call_modulation)
+            previous = xar_evaluation_flops(c, T, s * T, 1, per_call_modulation) if with_prefix else 0.0
+            guide = scales[s] > 1 and lo <= t <= hi
+            total += noisy + previous  # the conditional half
+            if guide or (guided and with_prefix):  # the unconditional half, only what it needs
+                total += (noisy if guide else 0.0) + previous
     if not per_call_modulation:
         total += modulation_flops(c, (2 if guided else 1) * len(times))
     return total

@@ -1,7 +1,6 @@
-"""What the attention kernels compile to on a GPU, without a GPU: registers, spills, shared memory and
-how global memory is read, for the fused kernel in each launch configuration that ``launch_config``
-picks, for the SDPA route's RoPE and cache-write kernel, and for the continuous-batching kernel
-(``ragged_attention``, cells of 64 tokens) in both launch families.
+"""What the attention kernel compiles to on a GPU, without a GPU: registers, spills, shared memory and
+how global memory is read, for the continuous-batching kernel (``ragged_attention``, cells of 64
+tokens) in each launch configuration that ``launch_config`` picks (few or many programs).
 
     python benchmarks/kernel_resources.py                          # sm_90 (H100/H200), bf16, head dims 64 and 80
     python benchmarks/kernel_resources.py --arch 80 --dtype fp32   # another GPU or dtype
@@ -34,7 +33,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from run import DTYPES  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CELL = 64  # tokens per cell: a later step has 64 queries, a cell's first step 128
+CELL = 64  # tokens per cell: the queries of one segment
 
 
 def compile_kernel(kernel, arch: int, dtype: str, constexprs: dict, launch: dict):
@@ -64,15 +63,6 @@ def compile_kernel(kernel, arch: int, dtype: str, constexprs: dict, launch: dict
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def compile_attention(arch: int, dtype: str, head_dim: int, config: dict):
-    """The fused attention kernel compiled for ``arch`` with ``config`` (tile sizes, warps, stages)."""
-    from xar_infer.kernels.attention import _block_causal_attention_kernel, channel_block
-
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": channel_block(head_dim), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
-                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    return compile_kernel(_block_causal_attention_kernel, arch, dtype, constexprs, config)
-
-
 def compile_ragged_attention(arch: int, dtype: str, head_dim: int, config: dict):
     """The continuous-batching attention kernel compiled for ``arch`` with ``config``, int32 segment tables."""
     from xar_infer.kernels.attention import _ragged_attention_kernel, channel_block
@@ -80,14 +70,6 @@ def compile_ragged_attention(arch: int, dtype: str, head_dim: int, config: dict)
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": channel_block(head_dim), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     return compile_kernel(_ragged_attention_kernel, arch, dtype, constexprs, config)
-
-
-def compile_rotate_into_cache(arch: int, dtype: str, head_dim: int):
-    """The SDPA route's RoPE and cache-write kernel, compiled for ``arch`` as ``rotate_into_cache`` launches it."""
-    from xar_infer.kernels.attention import ROTATE_LAUNCH, _rotate_into_cache_kernel, channel_block
-
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": channel_block(head_dim), "BLOCK_T": ROTATE_LAUNCH["BLOCK_T"]}
-    return compile_kernel(_rotate_into_cache_kernel, arch, dtype, constexprs, ROTATE_LAUNCH)
 
 
 def ptxas_report(compiled, arch: int) -> dict:
@@ -122,28 +104,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--name", default=None)
     args = parser.parse_args(argv)
-    from xar_infer.kernels.attention import ROTATE_LAUNCH, launch_config
+    from xar_infer.kernels.attention import launch_config
 
     def describe(compiled) -> dict:
         return {"shared_bytes": compiled.metadata.shared, **ptxas_report(compiled, args.arch), **global_loads(compiled.asm["ptx"])}
 
     rows = []
     for head_dim in map(int, args.head_dims.split(",")):
-        for programs in args.programs.split(","):
-            for step, num_new in (("first", 2 * CELL), ("later", CELL)):
-                config = launch_config(num_new, head_dim, DTYPES[args.dtype], 2 if programs == "few" else 4096)
-                row = {"kernel": "fused attention", "head_dim": head_dim, "programs": programs, "step": step, "config": config,
-                       **describe(compile_attention(args.arch, args.dtype, head_dim, config))}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        row = {"kernel": "rotate into cache", "head_dim": head_dim, "programs": "any", "step": "any", "config": ROTATE_LAUNCH,
-               **describe(compile_rotate_into_cache(args.arch, args.dtype, head_dim))}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        # One segment's queries per program whatever the row: either step of a cell is the same kernel.
+        # One segment's queries per program, whatever the call: a cell's first and later calls are the same kernel.
         for programs in args.programs.split(","):
             config = launch_config(CELL, head_dim, DTYPES[args.dtype], 2 if programs == "few" else 4096)
-            row = {"kernel": "ragged attention", "head_dim": head_dim, "programs": programs, "step": "any", "config": config,
+            row = {"kernel": "ragged attention", "head_dim": head_dim, "programs": programs, "config": config,
                    **describe(compile_ragged_attention(args.arch, args.dtype, head_dim, config))}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -155,13 +126,13 @@ def main(argv=None) -> None:
     (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Attention kernels compiled for sm_{args.arch}, {args.dtype} (no GPU involved)", "",
              f"`{report['command']}`, triton {triton.__version__}.", "",
-             "| kernel | head dim | programs | step | tiles, warps, stages | registers | spilled bytes (store/load) "
+             "| kernel | head dim | programs | tiles, warps, stages | registers | spilled bytes (store/load) "
              "| shared memory | vector / scalar global loads | PTX instructions |",
-             "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         c = r["config"]
         tiles = f"{c['BLOCK_M']} x {c['BLOCK_N']}" if "BLOCK_M" in c else f"{c['BLOCK_T']} rows"
-        lines.append(f"| {r['kernel']} | {r['head_dim']} | {r['programs']} | {r['step']} | {tiles}, {c['num_warps']}, "
+        lines.append(f"| {r['kernel']} | {r['head_dim']} | {r['programs']} | {tiles}, {c['num_warps']}, "
                      f"{c['num_stages']} | {r['registers']} | {r['spill_store_bytes']} / {r['spill_load_bytes']} "
                      f"| {r['shared_bytes']} | {r['vector_loads']} / {r['scalar_loads']} | {r['ptx_instructions']} |")
     (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")

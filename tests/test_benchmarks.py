@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from xar_infer.backends import TORCH
 from xar_infer.config import XARConfig
-from xar_infer.sampling import NoiseSource, generate_tokens
+from xar_infer.engine import Engine, generate_latents
+from xar_infer.sampling import NoiseSource
+from xar_infer.settings import SamplingSettings
 
 from conftest import random_transformer
 from cpu_threads import one_torch_thread, subprocess_env  # noqa: F401  (autouse: this module runs on one thread)
@@ -23,31 +26,62 @@ sys.path.insert(0, str(BENCHMARKS))
 from flops import counted_flops, dit_xl2_flops_per_forward, xar_flops_per_image  # noqa: E402
 
 
+def generate_counted(model, steps, guidance, interval=None, schedule="linear", modulation_table=True) -> float:
+    """FLOPs counted while the engine makes one image (label 1), as ``pipe(...)`` would, or with no
+    modulation table (each call then computes its cells' modulations)."""
+    num_cells = model.config.num_cells
+    settings = SamplingSettings.build(num_cells, steps, guidance, guidance_schedule=schedule, guidance_interval=interval)
+    labels, noise = torch.tensor([1]), NoiseSource(None, 1, torch.device("cpu"))
+    if modulation_table:
+        return counted_flops(lambda: generate_latents(model, labels, settings, noise, TORCH))
+    rows = 2 if settings.plan(num_cells).guided else 1
+    engine = Engine(model, TORCH, rows, (settings.steps_per_cell, settings.guidance_scale), modulation_table_bytes=0)
+
+    def run():
+        engine.add_job(labels, settings, noise, finish=lambda latent: latent)
+        engine.run_until_idle()
+
+    return counted_flops(run)
+
+
 @pytest.mark.parametrize("config", [
     XARConfig(dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_hidden_dim=48),
     XARConfig(dim=48, encoder_depth=2, decoder_depth=1, num_heads=3, mlp_hidden_dim=40, token_channels=4,
               grid_size=8, cell_size=4, num_classes=10),
 ])
-@pytest.mark.parametrize("steps, guidance", [(3, 2.0), (1, 1.0), (4, 1.0), (2, 3.0)])
-def test_xar_flop_formula_equals_the_counted_flops(config, steps, guidance):
+@pytest.mark.parametrize("steps, guidance, interval", [
+    (3, 2.0, None), (1, 1.0, None), (4, 1.0, None), (2, 3.0, None),
+    # Outside the interval a cell's first call runs only the previous cell for the unconditional half.
+    (3, 2.0, (0.2, 0.8)), ([3, 2, 2, 1], 2.0, (0.2, 0.8)),
+])
+def test_xar_flop_formula_equals_the_counted_flops(config, steps, guidance, interval):
     model = random_transformer(config)
-    labels = torch.tensor([1])
-    counted = counted_flops(lambda: generate_tokens(model, labels, steps, guidance, NoiseSource(None, 1, torch.device("cpu"))))
-    assert xar_flops_per_image(config, steps, guidance) == counted
+    counted = generate_counted(model, steps, guidance, interval)
+    assert xar_flops_per_image(config, steps, guidance, guidance_interval=interval) == counted
+
+
+@pytest.mark.parametrize("steps, guidance", [(3, 2.0), (2, 1.0)])
+def test_xar_flop_formula_without_modulation_table_equals_the_counted_flops(monkeypatch, steps, guidance):
+    """Each call computes its cells' modulations. A call of one cell has one condition, a lone row that
+    backends.onednn_linear computes as two; the formula counts the work asked for, so here the linear
+    layers run on F.linear."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    model = random_transformer(XARConfig(dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_hidden_dim=48))
+    counted = generate_counted(model, steps, guidance, modulation_table=False)
+    assert xar_flops_per_image(model.config, steps, guidance, modulation_table=False) == counted
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_released_flop_formula_equals_the_counted_flops(monkeypatch, steps):
-    """The released sampler's work: our engine does it too when the modulation table is off and every
-    cell is guided (constant schedule), except that the released code also doubles the first cell."""
-    import xar_infer.sampling
-
+def test_released_flop_formula_equals_the_counted_flops(steps):
+    """The released sampler's work, counted on our engine run as the released code runs (every cell
+    guided: the constant schedule; no modulation table), plus what only the released code computes:
+    on a cell's first call it runs the previous cell's T queries against the noisy cell's keys too
+    and masks them, 4 T^2 D per layer, for each guidance half of each cell after the first."""
     config = XARConfig(dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_hidden_dim=48)
-    monkeypatch.setattr(xar_infer.sampling, "MODULATION_TABLE_BYTES", 0)
-    model, labels = random_transformer(config), torch.tensor([1])
-    counted = counted_flops(lambda: generate_tokens(model, labels, steps, 2.0, NoiseSource(None, 1, torch.device("cpu")),
-                                                    guidance_schedule="constant"))
-    assert xar_flops_per_image(config, steps, 2.0, released=True) == counted
+    counted = generate_counted(random_transformer(config), steps, 2.0, schedule="constant", modulation_table=False)
+    T = config.tokens_per_cell
+    masked = 2 * (config.num_cells - 1) * config.num_layers * 4 * T * T * config.dim
+    assert xar_flops_per_image(config, steps, 2.0, released=True) == counted + masked
 
 
 def test_dit_flop_formula_equals_the_counted_flops():
@@ -103,26 +137,6 @@ def test_mkl_contender_runs_the_linear_layers_by_f_linear():
 
 
 @pytest.mark.triton
-def test_fused_contender_keeps_the_fused_attention_kernel(monkeypatch):
-    """``xar-l+triton+fused`` measures what the SDPA route gains: with the route's threshold lowered so
-    that every fp16 call would take it, the plain triton contender calls SDPA and the +fused one does
-    not, and the threshold is back afterwards."""
-    from contenders import XARContender
-
-    from xar_infer import backends
-
-    monkeypatch.setattr(backends, "SDPA_MIN_BATCH_HEADS", 1)
-    with pytest.warns(UserWarning, match="float16"):  # fp16 on a CPU: slow, but the route is what counts here
-        routed, routed_ops = _generate_with_op_names(XARContender("xar-digits", "cpu", torch.float16, backend="triton"))
-        fused, fused_ops = _generate_with_op_names(XARContender("xar-digits", "cpu", torch.float16, backend="triton+fused"))
-    assert "aten::scaled_dot_product_attention" in routed_ops and "aten::scaled_dot_product_attention" not in fused_ops
-    assert backends.SDPA_MIN_BATCH_HEADS == 1
-    assert ((routed.float() - fused.float()).norm() / fused.float().norm()).item() < 0.03  # test_backends' fp16 bound
-    with pytest.raises(ValueError, match="for triton"):
-        XARContender("xar-digits", "cpu", torch.float32, backend="torch+fused")
-
-
-@pytest.mark.triton
 def test_attention_microbenchmark_runs(tmp_path):
     """Smoke run of the attention microbenchmark (on CPU the kernel is interpreted: times mean nothing,
     but every contender runs on the real xAR-B shapes and their outputs agree)."""
@@ -133,9 +147,17 @@ def test_attention_microbenchmark_runs(tmp_path):
                    check=True, capture_output=True, timeout=600, env=env)
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert [(r["step"], r["cache_len"]) for r in report["rows"]] == [("first", 64), ("later", 64)]
+    from xar_infer import kernels
+
+    # The kernels that exist: the engine's ragged one, and the lockstep ones while they are kept.
+    expected = {"torch path", "sdpa"} | {name for name, fn in [("triton ragged", "ragged_attention"),
+                                                               ("triton lockstep", "block_causal_attention"),
+                                                               ("triton rope + sdpa", "sdpa_block_causal_attention")]
+                                         if hasattr(kernels, fn)}
     for row in report["rows"]:
         assert row["max_difference"] < 2e-5
-        assert all(row[f"{name} us"] > 0 for name in ("triton", "triton rope + sdpa", "torch path", "sdpa"))
+        assert {c.removesuffix(" us") for c in row if c.endswith(" us")} == expected
+        assert all(row[f"{name} us"] > 0 for name in expected)
     assert "| xar-b | 1 | 64 | first |" in (tmp_path / "smoke.md").read_text()
 
 
@@ -152,17 +174,64 @@ def test_vae_tiling_benchmark_runs(tmp_path):
 
 
 def test_launch_count_benchmark_runs(tmp_path):
-    """Smoke run at 2 steps: every row, and the counts ordered as they must be (graphs launch fewer
-    ops than eager calls; the Triton backend fewer than the PyTorch one)."""
+    """Smoke run at 2 steps: every engine row, and the counts ordered as they must be (graphs launch
+    fewer ops than eager calls; the Triton backend fewer than the PyTorch one); per network call is
+    per image over the 8 calls (2 steps x 4 cells) of a batch of one."""
     subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--steps", "2", "--out-dir", str(tmp_path),
                     "--name", "smoke"], check=True, capture_output=True, timeout=600)
     rows = {r["implementation"]: r for r in json.loads((tmp_path / "smoke.json").read_text())["rows"]}
     launches = {name: r["launches_per_image"] for name, r in rows.items()}
-    torch_eager, torch_graphs = launches["xar_infer, torch backend"], launches["xar_infer, torch backend, CUDA graphs"]
-    triton_eager, triton_graphs = launches["xar_infer, triton backend"], launches["xar_infer, triton backend, CUDA graphs"]
+    torch_eager, torch_graphs = launches["engine, torch backend"], launches["engine, torch backend, CUDA graphs"]
+    triton_eager, triton_graphs = launches["engine, triton backend"], launches["engine, triton backend, CUDA graphs"]
     assert triton_graphs < torch_graphs < triton_eager < torch_eager
-    assert rows["xar_infer, triton backend, CUDA graphs"]["ops_inside_graphs_per_image"] > triton_eager / 2
-    assert "| xar_infer, torch backend |" in (tmp_path / "smoke.md").read_text()
+    assert rows["engine, triton backend, CUDA graphs"]["ops_inside_graphs_per_image"] > triton_eager / 2
+    for r in rows.values():
+        assert r["launches_per_network_call"] * 8 == r["launches_per_image"]
+    # The engine packs each eager call's cells from Python lists.
+    assert rows["engine, triton backend"]["host_tensors_per_network_call"] > 0
+    assert "| engine, torch backend |" in (tmp_path / "smoke.md").read_text()
+
+
+# The last commit before the engine: the lockstep sampler that benchmarks/engine.py compares against.
+LOCKSTEP_COMMIT = "9d58fcb"
+
+
+def test_engine_benchmark_quick_run(tmp_path):
+    """Smoke run of all three parts on a tiny model, part a against the lockstep sampler's sources
+    taken from git: every figure present and positive, the CPU named, and the engine's images equal to
+    ``pipe`` with each image's own generator (bit for bit on CPU fp32, as the README promises)."""
+    repo = BENCHMARKS.parent
+    if subprocess.run(["git", "-C", str(repo), "cat-file", "-e", f"{LOCKSTEP_COMMIT}^{{commit}}"],
+                      capture_output=True).returncode:
+        pytest.skip(f"needs the git history with commit {LOCKSTEP_COMMIT} (the lockstep sampler)")
+    tree = tmp_path / "lockstep"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", LOCKSTEP_COMMIT, "src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    subprocess.run([sys.executable, str(BENCHMARKS / "engine.py"), "--quick", "--lockstep-tree", str(tree),
+                    "--out-dir", str(tmp_path), "--name", "quick"], check=True, capture_output=True, timeout=300,
+                   env=subprocess_env(threads=None))
+    report = json.loads((tmp_path / "quick.json").read_text())
+    a = report["static_batch"]
+    assert [r["batch"] for r in a["rows"]] == [1, 2]
+    for r in a["rows"]:
+        assert r["engine_median_seconds"] > 0 and r["lockstep_median_seconds"] > 0 and r["engine_speed_over_lockstep"] > 0
+        assert len(r["round_ratios"]) == 2 and r["max_abs_latent_difference"] >= 0
+    [b] = report["open_loop"]
+    assert b["capacity_images_per_s"] > 0 and b["capacity"]["engine_images_per_s"] > 0
+    assert [run["load"] for run in b["runs"]] == [0.5, 0.9]
+    for run in b["runs"]:
+        for policy in ("continuous", "static"):
+            r = run[policy]
+            assert len(r["latencies_s"]) == 6 * 2 and all(t > 0 for t in r["latencies_s"])  # 6 requests, 2 passes
+            assert 0 < r["p50_latency_s"] <= r["p99_latency_s"] and r["throughput_images_per_s"] > 0
+    [c] = report["mixed"]
+    assert c["engine_images_per_s"] > 0 and c["static_images_per_s"] > 0
+    assert c["max_abs_latent_difference"] == 0
+    text = (tmp_path / "quick.md").read_text()
+    assert text.startswith(f"# The engine against static batching and the lockstep sampler: {report['machine']['cpu']}")
+    for heading in ("## a. One static batch", "## b. Open-loop Poisson arrivals", "## c. Mixed settings"):
+        assert heading in text
 
 
 def test_kernel_profile_sorts_kernel_names_into_categories():
@@ -196,16 +265,12 @@ def test_kernel_profile_runs_on_cpu(tmp_path):
 
 @pytest.mark.triton
 def test_attention_kernels_compile_for_hopper_with_vector_loads_only(tmp_path):
-    """Compiled for sm_90 without a GPU (Triton's own LLVM and ptxas): every global read is a 16-byte
-    vector load and nothing spills, for the fused kernel in the launch configuration of a later step
-    with many programs, for the SDPA route's RoPE and cache-write kernel, and for the continuous-batching
-    kernel with many programs, whose only other reads are its segment's four table entries."""
+    """Compiled for sm_90 without a GPU (Triton's own LLVM and ptxas): the continuous-batching kernel in
+    the launch configuration for many programs reads its tiles with 16-byte vector loads only (its
+    only scalar reads are its segment's four table entries) and spills nothing."""
     subprocess.run([sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dims", "64", "--programs", "many",
                     "--out-dir", str(tmp_path), "--name", "smoke"], check=True, capture_output=True, timeout=600)
     rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
-    later = next(r for r in rows if r["kernel"] == "fused attention" and r["step"] == "later")
-    rotate = next(r for r in rows if r["kernel"] == "rotate into cache")
-    ragged = next(r for r in rows if r["kernel"] == "ragged attention")
-    for row, table_reads in ((later, 0), (rotate, 0), (ragged, 4)):  # slot, cell, row start, the row's first cell
-        assert row["vector_loads"] > 0 and row["scalar_loads"] == table_reads
-        assert row["spill_store_bytes"] == 0 and 0 < row["registers"] <= 255
+    [ragged] = [r for r in rows if r["kernel"] == "ragged attention"]
+    assert ragged["vector_loads"] > 0 and ragged["scalar_loads"] == 4  # slot, cell, row start, the row's first cell
+    assert ragged["spill_store_bytes"] == 0 and 0 < ragged["registers"] <= 255

@@ -34,8 +34,7 @@ case "${1:-}" in
     copy_out "$results/$gpu-tests.log"
     ;;
   kernels)
-    # Batches between 2 and 512 rows locate the crossover of the fused kernel and the SDPA route
-    # (backends.SDPA_MIN_BATCH_HEADS).
+    # Batches between 2 and 512 rows: the ragged kernel against the PyTorch path and SDPA alone.
     $python benchmarks/attention.py --device cuda --batch-sizes 2,32,128,512 --cache-lengths 0,128 --repeats 10 --name "$gpu-attention"
     $python benchmarks/attention.py --sweep --batch-sizes 2,512 --repeats 10 --name "$gpu-attention-sweep-bf16"
     $python benchmarks/vae_tiling.py --device cuda --batch 16 --name "$gpu-vae-tiling"
@@ -47,9 +46,8 @@ case "${1:-}" in
     $python benchmarks/run.py --device cuda --dtype bf16 --contenders xar-b --batch-sizes 1,64 \
       --backends torch,triton,triton+graphs --max-steps 4 --paired-rounds 3 --name "$gpu-bf16-xar-b" \
       ${OFFICIAL_REPO:+--official-repo "$OFFICIAL_REPO"}
-    # triton+fused: the fused attention kernel instead of the SDPA route, for what the route gains.
     $python benchmarks/run.py --device cuda --dtype bf16 --contenders xar-l --batch-sizes 256 \
-      --backends triton,triton+fused --max-steps 4 --paired-rounds 1 --name "$gpu-bf16-xar-l-b256"
+      --backends triton --max-steps 4 --paired-rounds 1 --name "$gpu-bf16-xar-l-b256"
     $python benchmarks/run.py --device cuda --dtype bf16 --contenders xar-b,dit,sit --backends triton+graphs \
       --batch-sizes 64 --max-steps 4 --paired-rounds 3 --name "$gpu-bf16-dit-sit-b64"
     copy_out "$results/$gpu"-bf16-*
