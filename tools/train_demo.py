@@ -111,6 +111,9 @@ def main() -> None:
     if existing and not args.overwrite:  # checked before training, not after it
         parser.error(f"{', '.join(existing)} exist; pass --overwrite to replace them")
     torch.set_num_threads(args.threads)
+    # Cells gather their position embeddings by index, whose backward sums the rows of all images at a
+    # position; with several threads only the deterministic kernels keep a seed's weights identical.
+    torch.use_deterministic_algorithms(True)
     save_model_dir(train(args), args.out, PRESET.num_inference_steps, PRESET.guidance_scale, overwrite=args.overwrite)
     print(f"wrote {args.out / WEIGHTS_NAME} and {args.out / CONFIG_NAME}")
 

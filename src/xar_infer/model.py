@@ -203,14 +203,16 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     out = torch.empty_like(q)
     for cell, index, slot_range in batch.groups:
         span = slice(cell * T, (cell + 1) * T)
-        # A view of the cache is read only without autograd: a later group's write into the same tensor
-        # would change what the backward pass saved.
-        slots = slot_range if slot_range is not None and not torch.is_grad_enabled() else batch.slots[index]
+        slots = batch.slots[index] if slot_range is None else slot_range
         rotated_q = apply_rope(q[index].transpose(1, 2), cos[span], sin[span])
         keys[slots, :, span] = apply_rope(k[index].transpose(1, 2), cos[span], sin[span])
         values[slots, :, span] = v[index].transpose(1, 2)
-        out[index] = F.scaled_dot_product_attention(rotated_q, keys[slots, :, :span.stop],
-                                                    values[slots, :, :span.stop]).transpose(1, 2)
+        seen_k, seen_v = keys[slots, :, :span.stop], values[slots, :, :span.stop]
+        if slot_range is not None and torch.is_grad_enabled():
+            # Training: a later group writes into the tensor these views show, which would change what
+            # the backward pass saved; a copy keeps it (and its backward stays a plain slice).
+            seen_k, seen_v = seen_k.clone(), seen_v.clone()
+        out[index] = F.scaled_dot_product_attention(rotated_q, seen_k, seen_v).transpose(1, 2)
     return out
 
 
