@@ -168,6 +168,9 @@ def static_batch(args, scratch: Path) -> dict:
 
 
 def git_commit(tree: Path) -> str | None:
+    """The commit checked out at ``tree`` when it is a checkout or worktree (not inside another one)."""
+    if not (tree / ".git").exists():
+        return None
     done = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True)
     return done.stdout.strip() or None
 
