@@ -168,6 +168,9 @@ def static_batch(args, scratch: Path) -> dict:
 
 
 def git_commit(tree: Path) -> str | None:
+    """The commit checked out at ``tree`` when it is a checkout or worktree (not inside another one)."""
+    if not (tree / ".git").exists():
+        return None
     done = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True)
     return done.stdout.strip() or None
 
@@ -266,6 +269,14 @@ def capacities(args, pipe) -> dict:
             "engine_images_per_s": count / engine_seconds, "engine_requests": count}
 
 
+def continuous_advantage(run: dict) -> dict:
+    """How much better continuous batching did (above 1: better): latencies static / continuous,
+    throughput continuous / static."""
+    c, s = run["continuous"], run["static"]
+    return {"mean_latency": s["mean_latency_s"] / c["mean_latency_s"], "p99_latency": s["p99_latency_s"] / c["p99_latency_s"],
+            "throughput": c["throughput_images_per_s"] / s["throughput_images_per_s"]}
+
+
 def open_loop(args, model: str, pipe) -> dict:
     """Part b: the capacities, then both policies at each load on one trace per load, repeated with
     the order alternating; latencies pooled over the repetitions."""
@@ -290,10 +301,7 @@ def open_loop(args, model: str, pipe) -> dict:
                                          max(x for d in done for x in d["load_average"])]
             print(f"b. {model}, load {load:.0%} {name}: mean {run[name]['mean_latency_s']:.2f} s, "
                   f"p99 {run[name]['p99_latency_s']:.2f} s, {run[name]['throughput_images_per_s']:.3f} images/s", flush=True)
-        c, s = run["continuous"], run["static"]
-        run["static_over_continuous"] = {"mean_latency": s["mean_latency_s"] / c["mean_latency_s"],
-                                         "p99_latency": s["p99_latency_s"] / c["p99_latency_s"],
-                                         "throughput": s["throughput_images_per_s"] / c["throughput_images_per_s"]}
+        run["continuous_advantage"] = continuous_advantage(run)
         runs.append(run)
     return {"model": model, "steps_per_cell": args.serve_steps, "max_rows": args.max_rows,
             "images_per_static_batch": images, "capacity_images_per_s": rate, "capacity": capacity,
@@ -386,9 +394,11 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {run['load']:.0%} | {run['requests']} x {b['repeats']} | {name} | {r['mean_latency_s']:.2f} "
                              f"| {r['p50_latency_s']:.2f} | {r['p99_latency_s']:.2f} | {r['throughput_images_per_s']:.3f} "
                              f"| {shape} | {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |")
-        lines += ["", "| load | static / continuous: mean latency | p99 latency | throughput |", "|---:|---:|---:|---:|"]
+        lines += ["", "Continuous against static (above 1: continuous better):", "",
+                  "| load | mean latency, static / continuous | p99 latency, static / continuous "
+                  "| throughput, continuous / static |", "|---:|---:|---:|---:|"]
         for run in b["runs"]:
-            q = run["static_over_continuous"]
+            q = run["continuous_advantage"]
             lines.append(f"| {run['load']:.0%} | **{q['mean_latency']:.2f}x** | **{q['p99_latency']:.2f}x** "
                          f"| {q['throughput']:.2f}x |")
         lines.append("")
