@@ -211,6 +211,7 @@ class Engine:
                 if self._table_bytes_used + size <= self.modulation_table_bytes:
                     job.table = ModulationTable(self.model, self._row_labels(job), times, self.backend.ops)
                     self._table_bytes_used += size
+            job.row_labels = self._row_labels(job).tolist()  # once, not a device read at every call
             job.pending = next(job.sampler)
         except Exception as error:
             self._fail(job, error)
@@ -227,7 +228,7 @@ class Engine:
         slots, cells, labels, times, rows_of_table, tokens, noisy = [], [], [], [], [], [], []
         for job in jobs:
             e, B = job.pending, job.batch_size
-            row_labels = self._row_labels(job).tolist()
+            row_labels = job.row_labels
             halves = 2 if e.both_halves else 1
             for half in range(halves):
                 # The unconditional half without guidance only adds the previous cell to its context.

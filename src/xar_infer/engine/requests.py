@@ -64,6 +64,7 @@ class Job:
         self.on_evaluation = on_evaluation
         self.slots: list[int] = []  # conditional rows, then the unconditional ones when guided
         self.table = None
+        self.row_labels: list[int] = []  # the label of each slot's row, known at admission
         self.pending: Evaluation | None = None  # the evaluation the next network call computes
 
     @property
