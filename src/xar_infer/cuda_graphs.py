@@ -182,7 +182,8 @@ class GraphedNetwork:
                 self.metadata[:, S:bucket].copy_(self.padding[:, S:bucket])
                 self.times[S:bucket].zero_()
             if not computes:
-                self.modulations[:, :S].copy_(torch.stack(modulations))
+                stacked = modulations if isinstance(modulations, Tensor) else torch.stack(modulations)
+                self.modulations[:, :S].copy_(stacked)
             if parts is not None:
                 self.order[:bucket].copy_(torch.cat(parts))
             graph = self.graphs.get(key)
@@ -198,7 +199,8 @@ class GraphedNetwork:
         if counts is not None:
             starts = accumulate((n for _, n in counts), initial=0)
             # Slots are gathered (no slice): a replay's slots are not known at capture.
-            groups = tuple(CellGroup(cell, self.order[start:start + n], None) for (cell, n), start in zip(counts, starts))
+            groups = tuple(CellGroup(cell, self.order[start:start + n], None)
+                           for (cell, n), start in zip(counts, starts))
         batch = CellBatch(slots, cells, row_starts, labels, self.times[:bucket], groups)
         x = self.x[:bucket]
         modulations = None if computes_modulations else list(self.modulations[:, :bucket].unbind(0))

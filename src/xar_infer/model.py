@@ -417,14 +417,15 @@ class XARTransformer(nn.Module):
         return [ops.linear(block.ada_lin[0](cond), block.ada_lin[1]) for block in self.blocks]
 
     def forward(self, x: Tensor, batch: CellBatch, cache: KVCache, ops: BlockOps = TORCH_OPS,
-                modulations: list[Tensor] | None = None) -> Tensor:
+                modulations: list[Tensor] | Tensor | None = None) -> Tensor:
         """Velocity of each cell of ``batch``: ``x`` [cells, tokens_per_cell, token_channels] -> the same shape.
 
         Each cell attends to the cells before it in its slot of ``cache`` and to itself; its keys and
         values are written to its positions there (a clean cell at t=0 so becomes part of its image's
         context for later calls). ``ops``: the PyTorch references or a backend's kernels
-        (``xar_infer.backends``). ``modulations``: per block, [cells, 1, 6 * dim], if already known
-        (``self.modulations(batch.labels, batch.times[:, None])``).
+        (``xar_infer.backends``). ``modulations``: per block, [cells, 1, 6 * dim] (a list, or one
+        tensor [blocks, cells, 1, 6 * dim]), if already known (``self.modulations(batch.labels,
+        batch.times[:, None])``).
         """
         c = self.config
         if x.dim() != 3 or list(x.shape) != [len(batch), c.tokens_per_cell, c.token_channels]:

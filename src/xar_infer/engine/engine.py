@@ -48,17 +48,18 @@ class ModulationTable:
     def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops):
         self.column = {t: i for i, t in enumerate(times)}
         grid = torch.tensor(list(times), dtype=torch.float64, device=labels.device)
-        self.per_block = model.modulations(labels, grid[None].expand(len(labels), -1), ops)
+        # [blocks, rows, times, 6 * dim]: one gather per call reads every block's rows.
+        self.table = torch.stack(model.modulations(labels, grid[None].expand(len(labels), -1), ops))
 
     @staticmethod
     def nbytes(model: XARTransformer, rows: int, num_times: int) -> int:
         c = model.config
         return c.num_layers * rows * num_times * 6 * c.dim * model.dtype.itemsize
 
-    def lookup(self, rows: Tensor, times: Sequence[float]) -> list[Tensor]:
-        """Per block, [len(rows), 1, 6 * dim]: row ``rows[i]`` of the table at ``times[i]``."""
+    def lookup(self, rows: Tensor, times: Sequence[float]) -> Tensor:
+        """[blocks, len(rows), 1, 6 * dim]: row ``rows[i]`` of the table at ``times[i]``."""
         columns = torch.tensor([self.column[t] for t in times], device=rows.device)
-        return [m[rows, columns].unsqueeze(1) for m in self.per_block]
+        return self.table[:, rows, columns].unsqueeze(2)
 
 
 class EagerNetwork:
@@ -70,7 +71,7 @@ class EagerNetwork:
         self.model, self.ops = model, ops
         self.cache = model.new_cache(num_slots)
 
-    def __call__(self, x: Tensor, batch: CellBatch, modulations: list[Tensor] | None) -> Tensor:
+    def __call__(self, x: Tensor, batch: CellBatch, modulations: Tensor | None) -> Tensor:
         return self.model(x, batch, self.cache, self.ops, modulations)
 
 
@@ -260,32 +261,25 @@ class Engine:
             start += count
         return velocities
 
-    def _modulations(self, batch: CellBatch, rows_of_table: list[tuple[Job, int]], times: list[float]) -> list[Tensor]:
-        """Per block, [cells, 1, 6 * dim]: from the jobs' tables where they have one, computed otherwise."""
-        looked_up = [i for i, (job, _) in enumerate(rows_of_table) if job.table is not None]
-        if len(looked_up) == len(rows_of_table) and len({id(job) for job, _ in rows_of_table}) == 1:
-            job = rows_of_table[0][0]
-            return job.table.lookup(torch.tensor([r for _, r in rows_of_table], device=batch.slots.device), times)
-        computed = [i for i, (job, _) in enumerate(rows_of_table) if job.table is None]
-        out = None
-        if computed:
-            index = torch.tensor(computed, device=batch.slots.device)
-            parts = self.model.modulations(batch.labels[index], batch.times[index, None], self.backend.ops)
-            out = [torch.empty(len(batch), 1, m.shape[-1], dtype=m.dtype, device=m.device) for m in parts]
-            for o, m in zip(out, parts):
-                o[index] = m
+    def _modulations(self, batch: CellBatch, rows_of_table: list[tuple[Job, int]], times: list[float]) -> Tensor:
+        """[blocks, cells, 1, 6 * dim]: from the jobs' tables where they have one, computed otherwise."""
+        device = batch.slots.device
         by_job: dict[int, list[int]] = {}
-        for i in looked_up:
-            by_job.setdefault(id(rows_of_table[i][0]), []).append(i)
-        for indices in by_job.values():
-            job = rows_of_table[indices[0]][0]
-            parts = job.table.lookup(torch.tensor([rows_of_table[i][1] for i in indices], device=batch.slots.device),
-                                     [times[i] for i in indices])
-            if out is None:
-                out = [torch.empty(len(batch), 1, m.shape[-1], dtype=m.dtype, device=m.device) for m in parts]
-            index = torch.tensor(indices, device=batch.slots.device)
-            for o, m in zip(out, parts):
-                o[index] = m
+        for i, (job, _) in enumerate(rows_of_table):
+            by_job.setdefault(id(job) if job.table is not None else None, []).append(i)
+        if len(by_job) == 1 and None not in by_job:  # one job, as in a pipeline call: no scatter
+            return rows_of_table[0][0].table.lookup(torch.tensor([r for _, r in rows_of_table], device=device), times)
+        c = self.model.config
+        out = torch.empty(c.num_layers, len(batch), 1, 6 * c.dim, dtype=self.model.dtype, device=device)
+        for key, indices in by_job.items():
+            index = torch.tensor(indices, device=device)
+            if key is None:
+                out[:, index] = torch.stack(self.model.modulations(batch.labels[index], batch.times[index, None],
+                                                                   self.backend.ops))
+            else:
+                table = rows_of_table[indices[0]][0].table
+                out[:, index] = table.lookup(torch.tensor([rows_of_table[i][1] for i in indices], device=device),
+                                             [times[i] for i in indices])
         return out
 
     def _advance(self, job: Job, velocity: Tensor) -> None:
