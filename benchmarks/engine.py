@@ -497,10 +497,9 @@ def main(argv=None) -> None:
             report.setdefault("mixed", []).append(mixed(args, model, pipe))
     report["seconds"] = time.perf_counter() - began
     name = args.name or f"cpu-engine-{cpu_slug(machine['cpu'])}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out_dir / f"{name}.md").write_text(markdown(report))
-    print(markdown(report))
+    from report import save_table  # beside this file
+
+    save_table(report, markdown(report), args.out_dir, name)
 
 
 if __name__ == "__main__":

@@ -304,10 +304,9 @@ def main(argv=None) -> None:
                            "cfg": preset.guidance_scale, "command": " ".join(["python benchmarks/launches.py", *(argv or sys.argv[1:])])},
               "torch": torch.__version__, "rows": rows}
     name = args.name or f"launches-{args.preset}-b{args.batch}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out_dir / f"{name}.md").write_text(markdown(report))
-    print(markdown(report))
+    from report import save_table  # beside this file
+
+    save_table(report, markdown(report), args.out_dir, name)
 
 
 if __name__ == "__main__":

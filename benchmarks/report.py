@@ -96,3 +96,12 @@ def write_outputs(report: dict, out_dir: Path, name: str) -> list[Path]:
     paths[1].write_text(markdown(report))
     chart(report, paths[2])
     return paths
+
+
+def save_table(report: dict, table: str, out_dir: Path, name: str) -> None:
+    """A benchmark's result as ``name.json`` (the numbers) and ``name.md`` (``table``, for reading);
+    the table is printed too."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / f"{name}.md").write_text(table)
+    print(table)
