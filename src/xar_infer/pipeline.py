@@ -21,11 +21,12 @@ from .memory import require_memory
 from .model import XARTransformer
 from .engine import EagerNetwork, Engine
 from .engine.engine import generate_latents
-from .engine.engine import OUTPUT_TYPES
 from .sampling import NoiseSource
 from .settings import SamplingSettings
 from .vae import AutoencoderKLDecoder, load_vae
 from .vae_tiling import DEFAULT_TILE_OVERLAP
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 # Measured on this project's CPU (AMD EPYC, AVX512-BF16), dense matmuls: float16 1 GFLOP/s, float32
 # 168, bfloat16 783. Most CPUs have no fast float16 matmul; recent ones have a bfloat16 one.

@@ -31,8 +31,6 @@ from ..settings import SamplingSettings
 from .requests import CellCallback, GenerationFuture, GenerationRequest, Job
 from .scheduler import Scheduler
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
 # Seeds go to torch.Generator.manual_seed, which takes up to 64 bits.
 MAX_SEED = 2**64 - 1
 
@@ -136,12 +134,10 @@ class Engine:
             seed = secrets.randbits(63)
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-        if request.output_type not in OUTPUT_TYPES:
-            raise InvalidArgumentError(f"output_type must be one of {OUTPUT_TYPES}, got {request.output_type!r}")
-        if request.output_type != "latent" and self._finish is None:
-            raise InvalidArgumentError("this engine returns latents only: use output_type='latent'")
-        if self._check_output_type is not None:
+        if self._check_output_type is not None:  # the pipeline's own check, the one for its calls too
             self._check_output_type(request.output_type)
+        elif request.output_type != "latent":
+            raise InvalidArgumentError("this engine returns latents only: use output_type='latent'")
         steps, scale = self.defaults
         settings = SamplingSettings.build(
             config.num_cells, steps if request.num_inference_steps is None else request.num_inference_steps,
@@ -171,7 +167,7 @@ class Engine:
         plan = settings.plan(config.num_cells)
         sampler = sample_image(plan, noise, (config.tokens_per_cell, config.token_channels), config.grid_size,
                                config.cell_size, self.backend.flow_step, on_cell)
-        job = Job(labels, settings, plan, sampler, future or Future(), finish, on_evaluation)
+        job = Job(labels, plan, sampler, future or Future(), finish, on_evaluation)
         if job.num_slots > self.max_rows:
             raise InvalidArgumentError(f"{len(labels)} image(s) need {job.num_slots} rows (one per image and guidance "
                                        f"half), but this engine has max_rows={self.max_rows}: raise max_rows")

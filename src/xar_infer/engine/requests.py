@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import Evaluation, ImageSampler
-from ..settings import SamplingPlan, SamplingSettings
+from ..settings import SamplingPlan
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,10 @@ class Job:
     table; the engine advances it one evaluation per network call.
     """
 
-    def __init__(self, labels: Tensor, settings: SamplingSettings, plan: SamplingPlan, sampler: ImageSampler,
+    def __init__(self, labels: Tensor, plan: SamplingPlan, sampler: ImageSampler,
                  future: Future, finish: Callable[[Tensor], Any], on_evaluation: Callable[[], None] | None = None):
         self.labels = labels
-        self.settings, self.plan = settings, plan
+        self.plan = plan
         self.sampler = sampler
         self.future = future
         self.finish = finish  # latent -> the future's result

@@ -49,11 +49,6 @@ class Scheduler:
         with self._lock:
             self.waiting.append(job)
 
-    @property
-    def num_waiting(self) -> int:
-        with self._lock:
-            return len(self.waiting)
-
     def has_work(self) -> bool:
         with self._lock:
             return bool(self.running or self.waiting)
