@@ -14,6 +14,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from xar_infer import GenerationRequest, InvalidArgumentError, NumericalError, XARPipeline
 from xar_infer.backends import TORCH
@@ -152,6 +153,36 @@ def test_progress_after_every_cell(pipe):
                       slice(c * config.cell_size, (c + 1) * config.cell_size))
             expected = result[window] if cell <= index else torch.zeros_like(result[window])
             assert torch.equal(latent[window], expected), (index, cell)
+
+
+class HostTensors(TorchDispatchMode):
+    """Counts the tensors made from Python data (``lift_fresh``): on a GPU each is a copy from the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ == "lift_fresh"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("num_requests", [1, 5])
+def test_a_call_copies_from_the_host_at_most_three_times_however_many_requests(pipe, num_requests):
+    """The cells' integers, their times, and the engine's gather indices (modulation rows and columns,
+    which outputs are velocities) reach the device in one copy each per call at most, not one per
+    request: on a GPU every copy from pageable host memory would make the host wait for the queued
+    kernels."""
+    engine = pipe.engine(max_rows=2 * num_requests)
+    for i in range(num_requests):
+        engine.submit(GenerationRequest(class_label=i, seed=i, num_inference_steps=[4, 3, 2, 1][i % 4:] + [4] * (i % 4)))
+    engine.step()  # admission builds each request's table: not part of a call's cost
+    calls = engine.num_calls
+    with HostTensors() as counted:
+        for _ in range(6):
+            engine.step()
+    assert engine.num_calls - calls == 6
+    assert counted.count <= 3 * 6
 
 
 def test_a_request_without_seed_gets_one(pipe):

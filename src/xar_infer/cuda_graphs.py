@@ -143,6 +143,7 @@ class GraphedNetwork:
         self._lock = lock or threading.Lock()
         self._weights = _weights(model)
         self._lease: weakref.ref | None = None
+        self._metadata_of: tuple | None = None  # (bucket, CellBatch.key) of what self.metadata holds
 
     def bucket(self, num_cells: int) -> int | None:
         """The padded size of a call of ``num_cells`` cells; None past the largest bucket."""
@@ -176,32 +177,43 @@ class GraphedNetwork:
             key = (bucket, computes) if counts is None else (bucket, computes, counts)
             # Few launches here: at small batches they are what is left of a call's cost besides the replay.
             self.x[:S].copy_(x)
-            self.metadata[:, :S].copy_(torch.stack((batch.slots, batch.cells, batch.row_starts, batch.labels)))
-            self.times[:S].copy_(batch.times)
-            if bucket > S:
-                self.metadata[:, S:bucket].copy_(self.padding[:, S:bucket])
-                self.times[S:bucket].zero_()
-            if not computes:
+            if self._new_metadata(batch, bucket):
+                self.metadata[:, :S].copy_(batch.metadata)
+                if bucket > S:
+                    self.metadata[:, S:bucket].copy_(self.padding[:, S:bucket])
+                if parts is not None:
+                    self.order[:bucket].copy_(torch.cat(parts))
+            if computes:  # only the modulations read the times
+                self.times[:S].copy_(batch.times)
+                if bucket > S:
+                    self.times[S:bucket].zero_()
+            else:
                 stacked = modulations if isinstance(modulations, Tensor) else torch.stack(modulations)
                 self.modulations[:, :S].copy_(stacked)
-            if parts is not None:
-                self.order[:bucket].copy_(torch.cat(parts))
             graph = self.graphs.get(key)
             if graph is None:
                 graph = self.graphs[key] = _Graph(self._forward(bucket, counts, computes), self.capture, self.pool)
             # The graphs share one memory pool, so the next replay of any of them may overwrite this output.
             return graph.replay()[:S].clone()
 
+    def _new_metadata(self, batch: CellBatch, bucket: int) -> bool:
+        """Whether the buffers do not hold ``batch``'s cells at this bucket yet. Consecutive calls of a
+        job often have the same cells; their metadata is then copied once (compared as host data)."""
+        key = None if batch.key is None else (bucket, batch.key)
+        if key is not None and key == self._metadata_of:
+            return False
+        self._metadata_of = key
+        return True
+
     def _forward(self, bucket: int, counts: tuple[tuple[int, int], ...] | None, computes_modulations: bool):
         """The call a graph captures: the model on the first ``bucket`` rows of every buffer."""
-        slots, cells, row_starts, labels = self.metadata[:, :bucket]
         groups = ()
         if counts is not None:
             starts = accumulate((n for _, n in counts), initial=0)
             # Slots are gathered (no slice): a replay's slots are not known at capture.
             groups = tuple(CellGroup(cell, self.order[start:start + n], None)
                            for (cell, n), start in zip(counts, starts))
-        batch = CellBatch(slots, cells, row_starts, labels, self.times[:bucket], groups)
+        batch = CellBatch(self.metadata[:, :bucket], self.times[:bucket], groups)
         x = self.x[:bucket]
         modulations = None if computes_modulations else list(self.modulations[:, :bucket].unbind(0))
         return lambda: self.model(x, batch, self.cache, self.ops, modulations)

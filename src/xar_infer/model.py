@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -50,44 +51,62 @@ class CellGroup(NamedTuple):
     slots: slice | None
 
 
+def to_device(host: Tensor, device: torch.device | str) -> Tensor:
+    """``host`` (a CPU tensor) on ``device``. To a GPU the copy is asynchronous, from pinned memory: a
+    plain copy from pageable memory makes the host wait until the GPU has run everything queued."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class CellBatch:
     """The cells one network call computes, in packing order: ``len(slots)`` cells of the same size.
 
-    ``slots``, ``cells``, ``labels``, ``times``: each cell's cache slot, index in its image (its
-    position), class (``null_class`` for an unconditional half) and flow time (0 for a clean cell).
-    Cells of one slot are consecutive and at consecutive indices (a row); ``row_starts`` gives the
-    first cell of each cell's row. ``groups``: the cells of each index in increasing order, for
-    attention by index (host data: a CUDA graph's capture fixes them).
+    ``metadata`` [4, cells]: each cell's cache slot, index in its image (its position), first cell of
+    its row, and class (``null_class`` for an unconditional half); read them as ``slots``, ``cells``,
+    ``row_starts`` and ``labels``. ``times``: each cell's flow time (0 for a clean cell). Cells of one
+    slot are consecutive and at consecutive indices (a row). ``groups``: the cells of each index in
+    increasing order, for attention by index (host data: a CUDA graph's capture fixes them).
     """
 
-    slots: Tensor
-    cells: Tensor
-    row_starts: Tensor
-    labels: Tensor
+    metadata: Tensor
     times: Tensor
     groups: tuple[CellGroup, ...]
+    # The metadata as host data, when built from host lists: CUDA graphs compare it to skip a copy.
+    key: tuple | None = None
 
     @staticmethod
     def build(slots: Sequence[int], cells: Sequence[int], labels: Sequence[int] | Tensor, times: Sequence[float] | Tensor,
               device: torch.device | str) -> "CellBatch":
-        """From per-cell lists (rows are the runs of one slot)."""
-        row_starts = [0] * len(slots)
-        for i in range(1, len(slots)):
+        """From per-cell lists (rows are the runs of one slot). The integers reach the device in one copy."""
+        S = len(slots)
+        row_starts = [0] * S
+        for i in range(1, S):
             same_row = slots[i] == slots[i - 1] and cells[i] == cells[i - 1] + 1
             row_starts[i] = row_starts[i - 1] if same_row else i
-        as_long = lambda values: torch.as_tensor(values, dtype=torch.long).to(device)  # noqa: E731
         by_cell: dict[int, list[int]] = {}
         for i, c in enumerate(cells):
             by_cell.setdefault(int(c), []).append(i)
+        groups = sorted(by_cell.items())
+        labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+        host = torch.tensor([*slots, *cells, *row_starts, *labels, *(i for _, index in groups for i in index)],
+                            dtype=torch.long)
+        packed = to_device(host, device)
+        times = torch.as_tensor(times, dtype=torch.float64)  # a list, or a tensor already on its device
+        if times.device.type == "cpu":
+            times = to_device(times, device)
+
         def slot_range(index: list[int]) -> slice | None:
             first = slots[index[0]]
             consecutive = all(slots[i] == first + n for n, i in enumerate(index))
             return slice(first, first + len(index)) if consecutive else None
 
-        return CellBatch(as_long(slots), as_long(cells), as_long(row_starts), as_long(labels),
-                         torch.as_tensor(times, dtype=torch.float64).to(device),
-                         tuple(CellGroup(c, as_long(index), slot_range(index)) for c, index in sorted(by_cell.items())))
+        starts = accumulate((len(index) for _, index in groups), initial=4 * S)
+        return CellBatch(packed[:4 * S].view(4, S), times,
+                         tuple(CellGroup(c, packed[start:start + len(index)], slot_range(index))
+                               for (c, index), start in zip(groups, starts)), (tuple(slots), tuple(cells), tuple(labels)))
 
     @staticmethod
     def whole_images(labels: Tensor, times: Tensor) -> "CellBatch":
@@ -96,8 +115,24 @@ class CellBatch:
         slots = [b for b in range(B) for _ in range(k)]
         return CellBatch.build(slots, list(range(k)) * B, labels.repeat_interleave(k), times.flatten(), labels.device)
 
+    @property
+    def slots(self) -> Tensor:
+        return self.metadata[0]
+
+    @property
+    def cells(self) -> Tensor:
+        return self.metadata[1]
+
+    @property
+    def row_starts(self) -> Tensor:
+        return self.metadata[2]
+
+    @property
+    def labels(self) -> Tensor:
+        return self.metadata[3]
+
     def __len__(self) -> int:
-        return len(self.slots)
+        return self.metadata.shape[1]
 
     def positions(self, tokens_per_cell: int) -> Tensor:
         """[cells, tokens_per_cell]: each token's position in its image's sequence."""
@@ -434,7 +469,10 @@ class XARTransformer(nn.Module):
         S, T, _ = x.shape
         if modulations is None:
             modulations = self.modulations(batch.labels, batch.times[:, None], ops)
-        positions = batch.positions(T)
+        if len(batch.groups) == 1:  # every cell at one index: the position tables are read as views
+            positions = slice(batch.groups[0].cell * T, (batch.groups[0].cell + 1) * T)
+        else:
+            positions = batch.positions(T)
         cos, sin = self.rope_cos, self.rope_sin
 
         x = ops.linear(x.to(self.dtype), self.z_proj) + self.encoder_pos_embed_learned[0, positions]

@@ -25,7 +25,7 @@ from ..backends import Backend
 from ..errors import InvalidArgumentError
 from ..imagenet import resolve_class_labels
 from ..memory import require_memory
-from ..model import CellBatch, XARTransformer
+from ..model import CellBatch, XARTransformer, to_device
 from ..sampling import NoiseSource, sample_image, tokens_to_latent
 from ..settings import SamplingSettings
 from .requests import CellCallback, GenerationFuture, GenerationRequest, Job
@@ -54,9 +54,9 @@ class ModulationTable:
         c = model.config
         return c.num_layers * rows * num_times * 6 * c.dim * model.dtype.itemsize
 
-    def lookup(self, rows: Tensor, times: Sequence[float]) -> Tensor:
-        """[blocks, len(rows), 1, 6 * dim]: row ``rows[i]`` of the table at ``times[i]``."""
-        columns = torch.tensor([self.column[t] for t in times], device=rows.device)
+    def lookup(self, rows: Tensor, columns: Tensor) -> Tensor:
+        """[blocks, len(rows), 1, 6 * dim]: row ``rows[i]`` of the table at column ``columns[i]`` (the
+        time ``times[columns[i]]``)."""
         return self.table[:, rows, columns].unsqueeze(2)
 
 
@@ -243,39 +243,63 @@ class Engine:
                     tokens.append(torch.stack([e.prefix.to(dtype), e.x.to(dtype)], dim=1).flatten(0, 1))
                 else:
                     tokens.append((e.x if e.prefix is None else e.prefix).to(dtype))
-        device = self.model.device
-        batch = CellBatch.build(slots, cells, labels, times, device)
-        modulations = self._modulations(batch, rows_of_table, times)
-        out = self.network(torch.cat(tokens), batch, modulations)
+        batch = CellBatch.build(slots, cells, labels, times, self.model.device)
+        # Which cells read which job's table, and which outputs are velocities: the lists go to the
+        # device in one copy, and not at all where a view does (a pipeline call's usual call).
+        gathers: dict[int, tuple[ModulationTable | None, list[int], list[int], list[int]]] = {}
+        for i, (job, row) in enumerate(rows_of_table):
+            table = job.table
+            _, at, rows, columns = gathers.setdefault(id(table), (table, [], [], []))
+            at.append(i)
+            if table is not None:
+                rows.append(row), columns.append(table.column[times[i]])
+        modulations = self._table_view(list(gathers.values()))
+        all_noisy = noisy == list(range(len(slots)))
+        host = ([] if all_noisy else [noisy]) + ([] if modulations is not None else
+                                                 [values for _, *lists in gathers.values() for values in lists])
+        on_device = iter(self._to_device(host))
+        if not all_noisy:
+            noisy = next(on_device)
+        if modulations is None:
+            modulations = self._modulations(batch, [(table, next(on_device), next(on_device), next(on_device))
+                                                    for table, *_ in gathers.values()])
+        out = self.network(tokens[0] if len(tokens) == 1 else torch.cat(tokens), batch, modulations)
         self.num_calls += 1
         self.num_rows += len(set(slots))
-        velocities, start = [], 0
-        noisy = torch.tensor(noisy, device=device)
-        for job in jobs:
-            count = job.batch_size * (2 if job.pending.guide else 1)
-            velocities.append(out[noisy[start:start + count]])
-            start += count
-        return velocities
+        counts = [job.batch_size * (2 if job.pending.guide else 1) for job in jobs]
+        return list((out if all_noisy else out[noisy]).split(counts))
 
-    def _modulations(self, batch: CellBatch, rows_of_table: list[tuple[Job, int]], times: list[float]) -> Tensor:
-        """[blocks, cells, 1, 6 * dim]: from the jobs' tables where they have one, computed otherwise."""
-        device = batch.slots.device
-        by_job: dict[int, list[int]] = {}
-        for i, (job, _) in enumerate(rows_of_table):
-            by_job.setdefault(id(job) if job.table is not None else None, []).append(i)
-        if len(by_job) == 1 and None not in by_job:  # one job, as in a pipeline call: no scatter
-            return rows_of_table[0][0].table.lookup(torch.tensor([r for _, r in rows_of_table], device=device), times)
+    def _to_device(self, lists: list[list[int]]) -> list[Tensor]:
+        """Integer lists on the model's device, in one copy."""
+        if not lists:
+            return []
+        host = torch.tensor([i for values in lists for i in values], dtype=torch.long)
+        return list(to_device(host, self.model.device).split([len(values) for values in lists]))
+
+    @staticmethod
+    def _table_view(gathers: list[tuple[ModulationTable | None, list[int], list[int], list[int]]]) -> Tensor | None:
+        """The modulations as a view of one job's table, when the call holds that job's rows in order at
+        one time; else None."""
+        if len(gathers) != 1 or gathers[0][0] is None:
+            return None
+        table, _, rows, columns = gathers[0]
+        if rows != list(range(len(rows))) or len(set(columns)) != 1:
+            return None
+        return table.table[:, :len(rows), columns[0]].unsqueeze(2)
+
+    def _modulations(self, batch: CellBatch, gathers: list[tuple[ModulationTable | None, Tensor, Tensor, Tensor]]) -> Tensor:
+        """[blocks, cells, 1, 6 * dim]: from the jobs' tables where they have one, computed otherwise.
+        ``gathers``: (a table or None, the batch's cells it serves, their table rows, their columns)."""
+        if len(gathers) == 1 and gathers[0][0] is not None:  # one job: no scatter
+            table, _, rows, columns = gathers[0]
+            return table.lookup(rows, columns)
         c = self.model.config
-        out = torch.empty(c.num_layers, len(batch), 1, 6 * c.dim, dtype=self.model.dtype, device=device)
-        for key, indices in by_job.items():
-            index = torch.tensor(indices, device=device)
-            if key is None:
-                out[:, index] = torch.stack(self.model.modulations(batch.labels[index], batch.times[index, None],
-                                                                   self.backend.ops))
+        out = torch.empty(c.num_layers, len(batch), 1, 6 * c.dim, dtype=self.model.dtype, device=batch.times.device)
+        for table, at, rows, columns in gathers:
+            if table is None:
+                out[:, at] = torch.stack(self.model.modulations(batch.labels[at], batch.times[at, None], self.backend.ops))
             else:
-                table = rows_of_table[indices[0]][0].table
-                out[:, index] = table.lookup(torch.tensor([rows_of_table[i][1] for i in indices], device=device),
-                                             [times[i] for i in indices])
+                out[:, at] = table.lookup(rows, columns)
         return out
 
     def _advance(self, job: Job, velocity: Tensor) -> None:
