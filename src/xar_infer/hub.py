@@ -101,14 +101,16 @@ def model_card(config: XARConfig, num_inference_steps: int | list[int], guidance
     call = f"out = pipe([{labels}], generator=torch.Generator().manual_seed(0)" + \
         ("" if decodes else ', output_type="latent"') + ")"
     result = 'out.images[0].save("sample.png")' if decodes else "latent = out.images  # no VAE here: pass vae= to decode"
+    tokens = "pixels" if config.pixel_space else "VAE latent tokens"
+    grid = (f"It generates a grid of {config.grid_size}x{config.grid_size} {tokens} in {config.num_cells} cells of "
+            f"{config.cell_size}x{config.cell_size}, one cell after another, each by flow matching, for "
+            f"{config.num_classes} classes.")
     body = f"""
 # xAR model
 
 A class-conditional image generator of the xAR family ("Beyond Next-Token: Next-X Prediction for
 Autoregressive Visual Generation", [arXiv 2502.20388](https://arxiv.org/abs/2502.20388)), saved by
-the `xar_infer` library with `save_pretrained`. It predicts the {config.num_cells} cells of
-{config.cell_size}x{config.cell_size} tokens of a {config.grid_size}x{config.grid_size} {'pixel' if config.pixel_space else 'VAE-latent'}
-grid one after another, each by flow matching, for {config.num_classes} classes.
+the `xar_infer` library with `save_pretrained`. {grid}
 
 **License: set it before sharing.** The `license: {LICENSE_PLACEHOLDER}` above is a placeholder; replace
 it with the license of these weights.

@@ -231,7 +231,8 @@ class XARPipeline:
     def labels(self) -> dict[str, int]:
         """Every class name this model takes and its id, as diffusers' DiT pipeline has it: ImageNet
         models map each synonym (``"golden retriever"`` -> 207), leaving out the few names shared by
-        several classes (``"crane"``), which are refused; other models name classes by id (``"7"`` -> 7)."""
+        several classes (``"crane"``), which are refused; seven classes have no name of their own (both
+        cranes, for one) and are asked for by id. Other models name classes by id (``"7"`` -> 7)."""
         return label_ids(self.transformer.config.num_classes)
 
     def get_label_ids(self, label: int | str | Sequence[int | str]) -> list[int]:
