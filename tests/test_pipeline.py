@@ -468,3 +468,23 @@ def test_bad_callbacks_get_one_line(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message) as raised:
         _run(pipe, output_type="latent", **kwargs)
     assert "\n" not in str(raised.value)
+
+
+def test_the_readme_s_preview_line_works(pipe):
+    """The README's callback preview, run as written: one decoded image per evaluation, showing the
+    finished cells (none, then cell 0, ..., then the whole image)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("# Watch the cells form", 1)[1].split("\n\n", 1)[0].split("\n", 1)[1]
+    assert "callback_on_step_end=" in snippet
+    pipe.default_num_inference_steps = 2
+    scope = {"pipe": pipe}
+    torch.manual_seed(0)  # the snippet passes no generator: torch's default one draws the noise
+    exec(snippet, scope)
+    torch.manual_seed(0)
+    latent = pipe(207, output_type="latent").images
+    previews = scope["previews"]
+    assert len(previews) == 8  # 2 evaluations per cell, 4 cells
+    for step, finished in ((0, 0), (1, 1), (4, 2), (7, 4)):
+        assert torch.equal(previews[step], pipe.decode(torch.where(_cells_mask(finished), latent, 0)))
