@@ -563,7 +563,7 @@ def test_modes_follow_the_umask(base, tiny_checkpoint, tmp_path, capsys):
     finally:
         os.umask(previous)
     written = [*(tmp_path / "d").iterdir(), tmp_path / "g.png", tmp_path / "lat" / "latents.safetensors",
-               tmp_path / "conv" / "model.safetensors", tmp_path / "conv" / "config.json", tmp_path / "conv" / "README.md"]
+               *[tmp_path / "conv" / name for name in ("model.safetensors", "config.json", "README.md")]]
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o640" for p in written}
 
 

@@ -101,6 +101,12 @@ def model_card(config: XARConfig, num_inference_steps: int | list[int], guidance
     call = f"out = pipe([{labels}], generator=torch.Generator().manual_seed(0)" + \
         ("" if decodes else ', output_type="latent"') + ")"
     result = 'out.images[0].save("sample.png")' if decodes else "latent = out.images  # no VAE here: pass vae= to decode"
+    if includes_vae:
+        vae_line = f"`{VAE_FOLDER}/`: the VAE decoder, loaded with the model."
+    elif config.pixel_space:
+        vae_line = "No VAE: the model makes pixels itself."
+    else:
+        vae_line = "No VAE: pass one to `from_pretrained(..., vae=...)` to decode images."
     tokens = "pixels" if config.pixel_space else "VAE latent tokens"
     grid = (f"It generates a grid of {config.grid_size}x{config.grid_size} {tokens} in {config.num_cells} cells of "
             f"{config.cell_size}x{config.cell_size}, one cell after another, each by flow matching, for "
@@ -131,7 +137,7 @@ pipe = XARPipeline.from_pretrained("{where}")
 
 - `model.safetensors` (`model.bf16.safetensors`: the bf16 variant): the transformer, and
   `config.json`: its architecture and sampling defaults.
-- {f'`{VAE_FOLDER}/`: the VAE decoder, loaded with the model.' if includes_vae else 'No VAE: ' + ('the model makes pixels itself.' if config.pixel_space else 'pass one to `from_pretrained(..., vae=...)` to decode images.')}
+- {vae_line}
 
 ## Sampling defaults
 
@@ -164,8 +170,9 @@ def push_model_folder(repo_id: str, transformer: XARTransformer, num_inference_s
     with tempfile.TemporaryDirectory(prefix="xar-push-") as tmp:
         save_model_folder(tmp, transformer, num_inference_steps, guidance_scale, vae, variant=variant,
                           repo_id=repo.repo_id)
-        message = commit_message or f"Upload xAR model{'' if variant is None else f' ({variant} variant)'} with xar_infer"
-        return api.upload_folder(repo_id=repo.repo_id, folder_path=tmp, commit_message=message)
+        what = "xAR model" if variant is None else f"xAR model ({variant} variant)"
+        return api.upload_folder(repo_id=repo.repo_id, folder_path=tmp,
+                                 commit_message=commit_message or f"Upload {what} with xar_infer")
 
 
 def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *, vae: str | os.PathLike | None = None,

@@ -194,17 +194,12 @@ def read_folder_config(path: Path) -> ModelFolderConfig:
 def _folder_weights(folder: Path, variant: str | None) -> Path:
     """The transformer's weights file of a model folder, or an error that names the variants it holds."""
     weights = folder / weights_name(variant)
-    if not weights.is_file():
-        held = [v for v in VARIANTS if (folder / weights_name(v)).is_file()]
-        held_text = ", ".join(f"variant={v!r} ({weights_name(v)})" for v in held)
-        if variant is None and held:
-            raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}; it holds {held_text}: pass that variant")
-        if variant is not None:
-            other = ([f"the full-precision {WEIGHTS_NAME} (variant=None)"] if (folder / WEIGHTS_NAME).is_file() else []) + \
-                [f"variant={v!r}" for v in held]
-            raise CheckpointError(f"{folder} has no {weights.name} (variant={variant!r})"
-                                  + (f"; it holds {', '.join(other)}" if other else ""))
-    return weights
+    if weights.is_file():
+        return weights
+    held = [f"variant={v!r} ({weights_name(v)})" if v else f"the full-precision {WEIGHTS_NAME} (variant=None)"
+            for v in (None, *VARIANTS) if v != variant and (folder / weights_name(v)).is_file()]
+    raise CheckpointError(f"{folder} has no {weights.name}" + (f" (variant={variant!r})" if variant else "")
+                          + (f"; it holds {', '.join(held)}: pass that variant" if held else ""))
 
 
 def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
@@ -239,9 +234,10 @@ def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     if sha256 is not None:
         verify_sha256(weights, sha256)
     model = build_model(read_state_dict(weights), str(weights), folder and folder.config, dtype=dtype, device=device)
-    default_steps, default_scale = _defaults_for(model.config)
-    steps = folder.num_inference_steps if folder is not None and folder.num_inference_steps is not None else default_steps
-    scale = folder.guidance_scale if folder is not None and folder.guidance_scale is not None else default_scale
+    steps, scale = _defaults_for(model.config)
+    if folder is not None:  # config.json's defaults win where it has them
+        steps = steps if folder.num_inference_steps is None else folder.num_inference_steps
+        scale = scale if folder.guidance_scale is None else folder.guidance_scale
     return LoadedModel(model, steps, scale, str(weights), vae_path)
 
 

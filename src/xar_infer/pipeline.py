@@ -354,8 +354,11 @@ class XARPipeline:
 
         Example, a preview per cell::
 
-            pipe(7, callback_on_step_end=lambda pipe, step, t, kw: previews.append(pipe.decode(kw["finished_latent"])) or {},
-                 callback_on_step_end_tensor_inputs=["finished_latent"])
+            def preview(pipe, step, t, callback_kwargs):
+                previews.append(pipe.decode(callback_kwargs["finished_latent"]))  # images in [-1, 1]
+                return {}
+
+            pipe(7, callback_on_step_end=preview, callback_on_step_end_tensor_inputs=["finished_latent"])
         """
         inputs = _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         config = self.transformer.config
@@ -448,7 +451,8 @@ def _check_callback(callback: Callable | None, inputs: Sequence[str] | None) -> 
                                    f"got {inputs!r:.60}")
     unknown = [name for name in inputs if name not in CALLBACK_INPUTS]
     if unknown:
-        raise InvalidArgumentError(f"callback_on_step_end_tensor_inputs: {unknown[0]!r:.40} is not one of {CALLBACK_INPUTS}")
+        raise InvalidArgumentError(f"callback_on_step_end_tensor_inputs: {unknown[0]!r:.40} is not one of "
+                                   f"{CALLBACK_INPUTS}")
     return tuple(inputs)
 
 
@@ -461,8 +465,8 @@ def _callback_replacement(returned: Any, given: dict[str, Any], x: torch.Tensor)
                                    f"{type(returned).__name__}")
     for key, value in returned.items():
         if key not in CALLBACK_INPUTS:
-            raise InvalidArgumentError(f"callback_on_step_end returned {key!r:.40}, which is not one of {CALLBACK_INPUTS}: "
-                                       "return {} or {'x': new_x}")
+            raise InvalidArgumentError(f"callback_on_step_end returned {key!r:.40}, which is not one of "
+                                       f"{CALLBACK_INPUTS}: return {{}} or {{'x': new_x}}")
         if key not in CALLBACK_REPLACEABLE and (key not in given or value is not given[key]):
             raise InvalidArgumentError(f"callback_on_step_end returned a new {key!r}, which is for reading only: the "
                                        "finished cells are already the model's context; only 'x' can be replaced")
@@ -471,7 +475,8 @@ def _callback_replacement(returned: Any, given: dict[str, Any], x: torch.Tensor)
         return None
     if not isinstance(new, torch.Tensor) or new.shape != x.shape:
         shown = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-        raise InvalidArgumentError(f"callback_on_step_end returned x of shape {shown}; it must keep x's shape {tuple(x.shape)}")
+        raise InvalidArgumentError(f"callback_on_step_end returned x of shape {shown}; it must keep x's shape "
+                                   f"{tuple(x.shape)}")
     return new
 
 
