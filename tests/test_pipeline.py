@@ -227,6 +227,7 @@ def test_to_takes_a_device_a_dtype_or_both_in_any_form(pipe):
     assert pipe.to("cpu", torch.float16).dtype == torch.float16
     assert pipe.to(torch.device("cpu"), dtype=torch.float32).dtype == torch.float32
     assert pipe.to(dtype=torch.bfloat16, device="cpu").dtype == torch.bfloat16
+    assert pipe.to(None, torch.float32).dtype == torch.float32
     assert next(pipe.vae.parameters()).dtype == vae_dtype  # the VAE keeps its own dtype
     for args, kwargs, message in [((torch.float16, torch.float32), {}, "two dtypes"),
                                   (("cpu",), {"device": "cpu"}, "two devices"),

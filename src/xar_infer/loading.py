@@ -192,14 +192,17 @@ def read_folder_config(path: Path) -> ModelFolderConfig:
 
 
 def _folder_weights(folder: Path, variant: str | None) -> Path:
-    """The transformer's weights file of a model folder, or an error that names the variants it holds."""
+    """The transformer's weights file of a model folder; when it is missing but another variant is there,
+    an error that names what the folder holds."""
     weights = folder / weights_name(variant)
     if weights.is_file():
         return weights
     held = [f"variant={v!r} ({weights_name(v)})" if v else f"the full-precision {WEIGHTS_NAME} (variant=None)"
             for v in (None, *VARIANTS) if v != variant and (folder / weights_name(v)).is_file()]
+    if not held:
+        return weights  # reading it names the missing file
     raise CheckpointError(f"{folder} has no {weights.name}" + (f" (variant={variant!r})" if variant else "")
-                          + (f"; it holds {', '.join(held)}: pass that variant" if held else ""))
+                          + f"; it holds {', '.join(held)}: pass that variant")
 
 
 def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,

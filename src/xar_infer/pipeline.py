@@ -211,6 +211,8 @@ class XARPipeline:
         ``pipe.to(torch.bfloat16)``, ``pipe.to("cuda", torch.bfloat16)``, ``pipe.to(device=...,
         dtype=...)``. Returns the pipeline."""
         for arg in args:
+            if arg is None:  # pipe.to(None, dtype): the older positional form
+                continue
             if isinstance(arg, torch.dtype):
                 if dtype is not None:
                     raise InvalidArgumentError(f"pipe.to got two dtypes ({dtype} and {arg}); pass one")
