@@ -390,7 +390,7 @@ def test_convert_then_generate_from_the_directory(tiny_checkpoint, tmp_path, cap
     converted = tmp_path / "converted"
     code, stdout, err = run(capsys, convert_main, [tiny_checkpoint, converted])
     assert code == 0, err
-    assert sorted(p.name for p in converted.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in converted.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert str(converted) in stdout
 
     latents = {}
@@ -403,18 +403,42 @@ def test_convert_then_generate_from_the_directory(tiny_checkpoint, tmp_path, cap
     torch.testing.assert_close(latents["dir"], latents["pth"], rtol=0, atol=0)
 
 
-def test_convert_refuses_to_overwrite(tiny_checkpoint, tmp_path, capsys):
+def test_convert_refuses_to_overwrite_a_different_save(tiny_checkpoint, tmp_path, capsys):
+    """The same conversion again keeps the identical files; another model's is refused without --overwrite,
+    before any file is replaced."""
     converted = tmp_path / "converted"
     assert run(capsys, convert_main, [tiny_checkpoint, converted])[0] == 0
-    weights = (converted / "model.safetensors").read_bytes()
+    before = {p.name: p.read_bytes() for p in converted.iterdir()}
+    assert run(capsys, convert_main, [tiny_checkpoint, converted])[0] == 0
+    assert {p.name: p.read_bytes() for p in converted.iterdir()} == before
 
-    code, stdout, err = run(capsys, convert_main, [tiny_checkpoint, converted])
-    assert_one_line_error(code, err, "xar-convert: error:", "already exists", "--overwrite")
+    other = save_released(random_transformer(seed=5), tmp_path / "other.pth")
+    code, stdout, err = run(capsys, convert_main, [other, converted])
+    assert_one_line_error(code, err, "xar-convert: error:", "already exists and differs", "--overwrite")
     assert stdout == ""
-    assert (converted / "model.safetensors").read_bytes() == weights
+    assert {p.name: p.read_bytes() for p in converted.iterdir()} == before
 
-    code, _, err = run(capsys, convert_main, [tiny_checkpoint, converted, "--overwrite"])
+    code, _, err = run(capsys, convert_main, [other, converted, "--overwrite"])
     assert code == 0, err
+    assert (converted / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+def test_convert_writes_the_vae_and_the_bf16_variant(tiny_checkpoint, tiny_vae_checkpoint, tmp_path, capsys):
+    """--vae and --variant reach save_pretrained's writer: the folder loads back with its VAE, in bf16 files."""
+    converted = tmp_path / "converted"
+    code, _, err = run(capsys, convert_main, [tiny_checkpoint, converted, "--vae", tiny_vae_checkpoint,
+                                              "--variant", "bf16"])
+    assert code == 0, err
+    assert sorted(str(p.relative_to(converted)) for p in converted.rglob("*") if p.is_file()) == [
+        "README.md", "config.json", "model.bf16.safetensors", "vae/model.bf16.safetensors"]
+    for name in ("model.bf16.safetensors", "vae/model.bf16.safetensors"):
+        with safe_open(converted / name, "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    pipe = XARPipeline.from_pretrained(converted, variant="bf16")
+    assert pipe.vae is not None and pipe.dtype == torch.float32
+
+    code, _, err = run(capsys, convert_main, [tiny_checkpoint, tmp_path / "x", "--vae", tmp_path / "no.ckpt"])
+    assert_one_line_error(code, err, "xar-convert: error: VAE not found")
 
 
 def test_convert_errors(tmp_path, capsys):
@@ -539,7 +563,7 @@ def test_modes_follow_the_umask(base, tiny_checkpoint, tmp_path, capsys):
     finally:
         os.umask(previous)
     written = [*(tmp_path / "d").iterdir(), tmp_path / "g.png", tmp_path / "lat" / "latents.safetensors",
-               tmp_path / "conv" / "model.safetensors", tmp_path / "conv" / "config.json"]
+               *[tmp_path / "conv" / name for name in ("model.safetensors", "config.json", "README.md")]]
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o640" for p in written}
 
 

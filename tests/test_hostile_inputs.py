@@ -24,7 +24,8 @@ from xar_infer import CheckpointError, InvalidArgumentError, XARConfig, convert_
 from xar_infer.cli import convert_main, generate_main
 from xar_infer.config import check_config_matches, infer_config
 from xar_infer.sample_sets import read_labels_file
-from xar_infer.loading import load_local, save_model_dir
+from xar_infer.hub import save_model_folder
+from xar_infer.loading import load_local
 from xar_infer.vae import AutoencoderKLDecoder, VAEConfig, infer_vae_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -340,6 +341,6 @@ def test_model_dir_from_an_xar_digits_like_config_still_round_trips(tmp_path):
     config = XARConfig(dim=32, encoder_depth=2, decoder_depth=1, num_heads=2, mlp_hidden_dim=40, token_channels=1,
                        grid_size=8, cell_size=4, num_classes=10, latent_scale=1.0, pixel_space=True)
     model = random_transformer(config)
-    save_model_dir(model, tmp_path / "m", 7, 1.5)
+    save_model_folder(tmp_path / "m", model, 7, 1.5)
     loaded = load_local(tmp_path / "m")
     assert loaded.model.config == config and (loaded.num_inference_steps, loaded.guidance_scale) == (7, 1.5)

@@ -221,7 +221,7 @@ def test_unknown_name_is_an_error():
 
 def test_conversion_round_trip(tmp_path, tiny_checkpoint):
     out = convert_checkpoint(tiny_checkpoint, tmp_path / "converted")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["xar_config"] == TINY_CONFIG.to_dict()
     reference = _latents(XARPipeline.from_pretrained(tiny_checkpoint))

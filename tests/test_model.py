@@ -402,7 +402,8 @@ def test_padded_mlp_width_is_exact_and_invisible_in_state_dicts(tmp_path):
     """A width that is not a multiple of 8 (170, as in the official tiny checkpoint) runs padded with
     zero units: the outputs are those of the released width, in float64 to 1e-12 (summation order
     only), and state dicts keep the released shapes both ways."""
-    from xar_infer.loading import load_local, save_model_dir
+    from xar_infer.hub import save_model_folder
+    from xar_infer.loading import load_local
     from xar_infer.model import TORCH_OPS, GatedMLP
 
     config = XARConfig(dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_hidden_dim=170)
@@ -423,7 +424,7 @@ def test_padded_mlp_width_is_exact_and_invisible_in_state_dicts(tmp_path):
 
     # Saved in our format and loaded back: released shapes in the file, the same model after.
     model = random_transformer(config)
-    save_model_dir(model, tmp_path, num_inference_steps=4, guidance_scale=2.0)
+    save_model_folder(tmp_path, model, num_inference_steps=4, guidance_scale=2.0)
     loaded = load_local(tmp_path).model
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     assert not loaded.encoder_blocks[0].mlp.fc1_g.weight[170:].any()

@@ -1,5 +1,5 @@
-"""output_files.write_file: whole or nothing, never replacing without being asked, never through a
-symlink, modes from the umask, and failures that name the file and the cause."""
+"""output_files.write_file and write_folder: whole or nothing, never replacing without being asked, never
+through a symlink, modes from the umask, and failures that name the file and the cause."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from xar_infer.output_files import (WriteError, is_temporary, require_parent_folder, temporary_name, write_file,
-                                    write_file_by_path)
+                                    write_file_by_path, write_folder)
 
 
 def _listing(folder: Path) -> list[str]:
@@ -152,3 +152,58 @@ def test_a_missing_or_misplaced_parent_folder_is_refused(tmp_path):
         require_parent_folder(tmp_path / "a_file" / "g.png", "--grid")
     require_parent_folder(tmp_path / "g.png", "--grid")
     assert _listing(tmp_path) == ["a_file"]
+
+
+def _bytes(data: bytes):
+    return lambda path: path.write_bytes(data)
+
+
+def test_a_folder_is_staged_then_placed_with_umask_modes(tmp_path):
+    folder = tmp_path / "model"
+    with umask(0o027):
+        written = write_folder(folder, {"w.safetensors": lambda p: save_file({"x": torch.ones(2)}, str(p)),
+                                        "vae/w.safetensors": _bytes(b"vae"), "config.json": _bytes(b"{}")})
+    assert written == ["w.safetensors", "vae/w.safetensors", "config.json"]
+    assert _listing(folder) == ["config.json", "vae", "w.safetensors"] and _listing(folder / "vae") == ["w.safetensors"]
+    assert {p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()} == {0o640}
+
+
+def test_identical_files_are_kept_and_a_different_save_is_refused_before_any_move(tmp_path):
+    folder = tmp_path / "model"
+    write_folder(folder, {"a.bin": _bytes(b"a"), "config.json": _bytes(b"one")})
+    inode = (folder / "a.bin").stat().st_ino
+    assert write_folder(folder, {"a.bin": _bytes(b"a"), "b.bin": _bytes(b"b")}) == ["b.bin"]
+    assert (folder / "a.bin").stat().st_ino == inode  # kept, not rewritten
+    with pytest.raises(FileExistsError, match=r"config.json already exists and differs from the file this save "
+                                              r"writes; pass overwrite=True$"):
+        write_folder(folder, {"c.bin": _bytes(b"c"), "config.json": _bytes(b"two")}, exists_hint="pass overwrite=True")
+    assert _listing(folder) == ["a.bin", "b.bin", "config.json"]  # c.bin, though new, was not placed
+    assert (folder / "config.json").read_bytes() == b"one"
+    assert write_folder(folder, {"c.bin": _bytes(b"c"), "config.json": _bytes(b"two")}, overwrite=True) == [
+        "c.bin", "config.json"]
+    assert (folder / "config.json").read_bytes() == b"two"
+
+
+def test_a_symlink_or_folder_in_the_way_is_not_taken_for_an_identical_file(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "outside").write_bytes(b"same")
+    (folder / "link.bin").symlink_to(tmp_path / "outside")
+    with pytest.raises(FileExistsError, match="link.bin already exists and differs"):
+        write_folder(folder, {"link.bin": _bytes(b"same")})
+    (folder / "sub").mkdir()
+    with pytest.raises(IsADirectoryError, match="sub is a directory"):
+        write_folder(folder, {"sub": _bytes(b"x")}, overwrite=True)
+    write_folder(folder, {"link.bin": _bytes(b"same")}, overwrite=True)
+    assert not (folder / "link.bin").is_symlink() and (tmp_path / "outside").read_bytes() == b"same"
+
+
+def test_a_failed_folder_write_places_nothing_and_leaves_no_staging(tmp_path):
+    def disk_full(path):
+        path.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    folder = tmp_path / "model"
+    with pytest.raises(WriteError, match=rf"^disk full writing {folder}$"):
+        write_folder(folder, {"a.bin": _bytes(b"a"), "b.bin": disk_full})
+    assert _listing(folder) == []

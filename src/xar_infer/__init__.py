@@ -3,7 +3,7 @@
 from .errors import CheckpointError, InvalidArgumentError, NumericalError, ResourceError, XARError
 from .config import PRESETS, XARConfig
 from .engine import Engine, GenerationFuture, GenerationRequest
-from .loading import convert_checkpoint
+from .hub import convert_checkpoint
 from .model import KVCache, XARTransformer
 from .pipeline import XARPipeline, XARPipelineOutput
 from .settings import SamplingSettings

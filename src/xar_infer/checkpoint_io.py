@@ -144,9 +144,11 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
                               "not the one meant: delete it and download it again")
 
 
-def write_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write tensors (made contiguous, shared storage split) to a safetensors file."""
-    save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, str(path))
+def write_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (made contiguous, shared storage split) to a safetensors file, with ``metadata``
+    in its header."""
+    save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, str(path), metadata=metadata)
 
 
 def _list_keys(keys: list[str], limit: int = 8) -> str:

@@ -29,7 +29,8 @@ from .checkpoint_io import state_dict_sha256
 from .config import PRESETS, find_preset
 from .errors import InvalidArgumentError, XARError
 from .imagenet import IMAGENET_NUM_CLASSES, class_name, resolve_class_label
-from .loading import CONFIG_NAME, WEIGHTS_NAME, convert_checkpoint
+from .hub import convert_checkpoint
+from .loading import VARIANTS
 from .memory import require_memory
 from .output_files import require_parent_folder, write_file, write_file_by_path
 from .pipeline import XARPipeline, to_uint8
@@ -641,24 +642,38 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 def build_convert_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog=CONVERT_PROG,
-        description=f"Convert a released xAR .pth checkpoint into a directory with {WEIGHTS_NAME} and "
-                    f"{CONFIG_NAME}, loadable with xar-generate --checkpoint DIR.",
+        description="Write the model folder that XARPipeline.save_pretrained writes (model.safetensors, config.json, "
+                    "a README.md model card, and the VAE in vae/) from a released xAR .pth checkpoint, a preset or "
+                    "another model folder. XARPipeline.from_pretrained(DIR) and xar-generate --checkpoint DIR load it; "
+                    "upload it with `hf upload` or pipe.push_to_hub.",
+        epilog=f"example: {CONVERT_PROG} xAR-B.pth xar-b-hub/ --vae kl16.ckpt --variant bf16",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("checkpoint", help="released checkpoint (.pth)")
-    parser.add_argument("output_dir", help="directory to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing files in OUTPUT_DIR")
+    parser.add_argument("checkpoint", help="a released checkpoint (.pth), a .safetensors file, a model folder, or a "
+                                           f"preset ({', '.join(PRESETS)})")
+    parser.add_argument("output_dir", help="folder to write (made if missing)")
+    parser.add_argument("--vae", metavar="PATH", help="the VAE to include, e.g. MAR's kl16.ckpt (default: the one saved "
+                                                      "with CHECKPOINT, if any)")
+    parser.add_argument("--variant", choices=tuple(VARIANTS),
+                        help="write the weights in this precision as model.<variant>.safetensors (bf16: half the size)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a different save in OUTPUT_DIR (identical files are always kept as they are)")
     return parser
 
 
 def convert(args: argparse.Namespace) -> None:
-    if not Path(args.checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    source: str | Path = args.checkpoint
+    if Path(source).exists():
+        source = Path(source).absolute()  # a relative path spelled like a preset stays a local path
+    elif find_preset(source) is None:
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint} (a file, a model folder or a preset: "
+                                f"{', '.join(PRESETS)})")
+    if args.vae is not None and not Path(args.vae).is_file():
+        raise FileNotFoundError(f"VAE not found: {args.vae}")
     out = Path(args.output_dir)
-    # Also proves the directory writable before the checkpoint is read.
-    prepare_outputs([out / WEIGHTS_NAME, out / CONFIG_NAME], args.overwrite)
-    out = convert_checkpoint(args.checkpoint, out, overwrite=args.overwrite)
-    print(f"wrote {out / WEIGHTS_NAME} and {out / CONFIG_NAME}")
+    ensure_writable_dir(out)  # before the checkpoint is read
+    convert_checkpoint(source, out, vae=args.vae, variant=args.variant, overwrite=args.overwrite)
+    print(f"wrote the model folder {out} (from_pretrained and xar-generate --checkpoint load it)")
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:

@@ -264,6 +264,28 @@ def class_name(class_id: int) -> str:
     return IMAGENET_CLASSES[_check_range(index, IMAGENET_NUM_CLASSES, class_id)]
 
 
+def label_ids(num_classes: int = 1000) -> dict[str, int]:
+    """Every class name a model of ``num_classes`` classes takes, and its id.
+
+    ImageNet-1k models: each synonym as the data file writes it (``"golden retriever"``, ``"Tinca
+    tinca"``), except the few shared by several classes (``"crane"``), which name no one class and
+    are refused as labels. Other models (``xar-digits``) name their classes by id: ``"0"``, ``"1"``, ...
+
+    Example:
+        >>> label_ids()["golden retriever"], "crane" in label_ids(), label_ids(10)["7"]
+        (207, False, 7)
+    """
+    num_classes = _check_num_classes(num_classes)
+    if num_classes != IMAGENET_NUM_CLASSES:
+        return {str(i): i for i in range(num_classes)}
+    names: dict[str, int] = {}
+    for class_id, synonyms in enumerate(_SYNONYMS):
+        for synonym in synonyms:
+            if _NAME_TO_IDS[_normalize(synonym)] == (class_id,):
+                names.setdefault(synonym, class_id)
+    return names
+
+
 def resolve_class_labels(labels: Any, num_classes: int = 1000) -> list[int]:
     """Turn one label or several (list, tuple, 1-D tensor or array) into a list of ids.
 

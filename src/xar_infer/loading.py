@@ -3,7 +3,9 @@
 Released checkpoints are flat state dicts that also carry derived buffers (the block-causal ``mask``
 and every layer's RoPE tables). We recompute those from the config and check the stored ones against
 them, so a checkpoint made for another geometry fails loudly instead of generating garbage.
-Our format is a directory with ``model.safetensors`` (parameters only) and ``config.json``.
+Our format is the folder ``XARPipeline.save_pretrained`` writes (``hub.py``): ``model.safetensors``
+(parameters only; ``model.bf16.safetensors`` for the bf16 variant), ``config.json``, and the VAE in
+``vae/`` when the config says it includes one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from huggingface_hub.errors import (
 )
 
 from .errors import CheckpointError, InvalidArgumentError
-from .checkpoint_io import error_summary, load_strict, read_state_dict, verify_sha256, write_safetensors
+from .checkpoint_io import error_summary, load_strict, read_state_dict, verify_sha256
 from .config import (
     FALLBACK_GUIDANCE_SCALE,
     FALLBACK_NUM_INFERENCE_STEPS,
@@ -39,13 +41,27 @@ from .config import (
     preset_for_config,
 )
 from .model import XARTransformer, block_causal_mask, rope_frequencies, rope_tables
-from .output_files import write_file, write_file_by_path
 from .settings import SamplingSettings
 
 WEIGHTS_NAME = "model.safetensors"
 # A missing path with one of these endings is a mistyped file, not a Hub repo id.
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 CONFIG_NAME = "config.json"
+# The subfolder of a model folder that holds its VAE decoder's weights (named like the transformer's).
+VAE_FOLDER = "vae"
+# Weight files in a lower precision, beside or instead of the full one: model.<variant>.safetensors.
+VARIANTS = {"bf16": torch.bfloat16}
+
+
+def check_variant(variant: str | None) -> None:
+    if variant is not None and variant not in VARIANTS:
+        raise InvalidArgumentError(f"variant must be None (full precision) or one of {tuple(VARIANTS)}, got {variant!r}")
+
+
+def weights_name(variant: str | None = None) -> str:
+    """``model.safetensors``, or ``model.<variant>.safetensors``."""
+    check_variant(variant)
+    return WEIGHTS_NAME if variant is None else WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
 
 # A stored RoPE table may differ from ours by float rounding (another libm's cos); beyond
 # ROPE_WARN_TOLERANCE it was computed differently and we say so; beyond ROPE_ERROR_TOLERANCE it
@@ -60,6 +76,18 @@ class LoadedModel:
     num_inference_steps: int
     guidance_scale: float
     source: str
+    # The VAE weights saved with the model (its folder's vae/), if any.
+    vae_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class ModelFolderConfig:
+    """What a model folder's ``config.json`` holds."""
+
+    config: XARConfig
+    num_inference_steps: int | list[int] | None
+    guidance_scale: float | None
+    includes_vae: bool
 
 
 def released_buffers(config: XARConfig) -> dict[str, torch.Tensor]:
@@ -144,7 +172,8 @@ def _defaults_for(config: XARConfig) -> tuple[int, float]:
     return preset.num_inference_steps, preset.guidance_scale
 
 
-def _read_config_json(path: Path) -> tuple[XARConfig, int | list[int] | None, float | None]:
+def read_folder_config(path: Path) -> ModelFolderConfig:
+    """A model folder's ``config.json``, checked (architecture, sampling defaults, whether it has a VAE)."""
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or "xar_config" not in data:
@@ -152,49 +181,90 @@ def _read_config_json(path: Path) -> tuple[XARConfig, int | list[int] | None, fl
         config = XARConfig.from_dict(data["xar_config"])
         steps, scale = data.get("num_inference_steps"), data.get("guidance_scale")
         SamplingSettings.build(config.num_cells, 1 if steps is None else steps, 1.0 if scale is None else scale)
+        includes_vae = data.get("includes_vae", False)  # absent in folders written before the VAE was saved too
+        if not isinstance(includes_vae, bool):
+            raise InvalidArgumentError(f"includes_vae must be true or false, got {includes_vae!r}")
     # RecursionError: JSON nested too deeply to parse.
     except (OSError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path} is not a valid xar_infer config ({error_summary(exc)}); re-run xar-convert") from None
-    return config, steps, scale
+        raise CheckpointError(f"{path} is not a valid xar_infer config ({error_summary(exc)}); save the model "
+                              "again (save_pretrained or xar-convert)") from None
+    return ModelFolderConfig(config, steps, scale, includes_vae)
+
+
+def _folder_weights(folder: Path, variant: str | None) -> Path:
+    """The transformer's weights file of a model folder; when it is missing but another variant is there,
+    an error that names what the folder holds."""
+    weights = folder / weights_name(variant)
+    if weights.is_file():
+        return weights
+    held = [f"variant={v!r} ({weights_name(v)})" if v else f"the full-precision {WEIGHTS_NAME} (variant=None)"
+            for v in (None, *VARIANTS) if v != variant and (folder / weights_name(v)).is_file()]
+    if not held:
+        return weights  # reading it names the missing file
+    raise CheckpointError(f"{folder} has no {weights.name}" + (f" (variant={variant!r})" if variant else "")
+                          + f"; it holds {', '.join(held)}: pass that variant")
 
 
 def load_local(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", sha256: str | None = None) -> LoadedModel:
+               device: torch.device | str = "cpu", sha256: str | None = None, variant: str | None = None) -> LoadedModel:
     """Load a released ``.pth``, a ``.safetensors`` file (config from ``config.json`` beside it or
-    from the shapes), or a directory written by :func:`convert_checkpoint`. ``sha256``: the expected
-    digest of the weights file, checked before it is read."""
+    from the shapes), or a folder written by ``save_pretrained`` / ``xar-convert`` (``variant``
+    picks its ``model.<variant>.safetensors``; the weights are cast to ``dtype`` whatever their file's
+    precision). ``sha256``: the expected digest of the weights file, checked before it is read."""
     path = Path(path)
+    check_variant(variant)
     weights, config_file = path, None
     if path.is_dir():
-        weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
+        config_file = path / CONFIG_NAME
+    elif variant is not None:
+        raise InvalidArgumentError(f"variant={variant!r} picks a weights file of a model folder, but {path} is a file: "
+                                   "pass the folder, or leave variant out")
     elif path.suffix == ".safetensors" and (path.parent / CONFIG_NAME).is_file():
         config_file = path.parent / CONFIG_NAME
-    config = steps = scale = None
+    folder = None
     if config_file is not None:
         if not config_file.is_file():
-            raise CheckpointError(f"{path} has no {CONFIG_NAME}; a model directory needs {WEIGHTS_NAME} and {CONFIG_NAME}")
-        config, steps, scale = _read_config_json(config_file)
+            raise CheckpointError(f"{path} has no {CONFIG_NAME}; a model folder needs {WEIGHTS_NAME} and {CONFIG_NAME}")
+        folder = read_folder_config(config_file)
+    if path.is_dir():
+        weights = _folder_weights(path, variant)
+    vae_path = None
+    if path.is_dir() and folder.includes_vae:
+        vae_path = path / VAE_FOLDER / weights_name(variant)
+        if not vae_path.is_file():
+            raise CheckpointError(f"{config_file} says the folder includes a VAE, but {vae_path} is missing; save the "
+                                  "model again")
     if sha256 is not None:
         verify_sha256(weights, sha256)
-    model = build_model(read_state_dict(weights), str(weights), config, dtype=dtype, device=device)
-    default_steps, default_scale = _defaults_for(model.config)
-    return LoadedModel(model, default_steps if steps is None else steps,
-                       default_scale if scale is None else scale, str(weights))
+    model = build_model(read_state_dict(weights), str(weights), folder and folder.config, dtype=dtype, device=device)
+    steps, scale = _defaults_for(model.config)
+    if folder is not None:  # config.json's defaults win where it has them
+        steps = steps if folder.num_inference_steps is None else folder.num_inference_steps
+        scale = scale if folder.guidance_scale is None else folder.guidance_scale
+    return LoadedModel(model, steps, scale, str(weights), vae_path)
 
 
 def hub_download(repo_id: str, filename: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                 local_files_only: bool = False) -> Path:
-    """Path of ``filename`` from a Hugging Face repo, downloaded or from the local cache.
+                 local_files_only: bool = False, token: str | bool | None = None, force_download: bool = False) -> Path:
+    """Path of ``filename`` from a Hugging Face repo, downloaded or from the local cache (``token``:
+    for private repos, else huggingface_hub's login; ``force_download``: fetch it again even if cached).
 
     One metadata request first (huggingface_hub's own, without retries, its ``HF_HUB_ETAG_TIMEOUT``)
     tells whether the Hub answers. If it does not, the cached copy is used, or one
     :class:`CheckpointError` says what to do: huggingface_hub alone would retry with backoff, about
     25 s and a dozen log lines when there is no network.
     """
-    unreachable = None if local_files_only else _hub_unreachable(repo_id, filename, revision)
+    if local_files_only and force_download:
+        raise InvalidArgumentError("force_download=True fetches the files again, which local_files_only=True forbids: "
+                                   "pass one of them")
+    unreachable = None if local_files_only else _hub_unreachable(repo_id, filename, revision, token)
+    if unreachable is not None and force_download:
+        raise CheckpointError(f"cannot download {filename} of {repo_id} again (force_download=True): the Hub cannot be "
+                              f"reached: {unreachable}; try later, or leave force_download out to use the cached copy")
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                    local_files_only=local_files_only or unreachable is not None))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
+                                    local_files_only=local_files_only or unreachable is not None,
+                                    force_download=force_download))
     except LocalEntryNotFoundError:
         why = "local_files_only is set" if unreachable is None else f"the Hub cannot be reached: {unreachable}"
         raise CheckpointError(
@@ -210,11 +280,12 @@ def hub_download(repo_id: str, filename: str, *, revision: str | None = None, ca
         raise CheckpointError(f"downloading {filename} from {repo_id} failed: {error_summary(exc)}") from None
 
 
-def _hub_unreachable(repo_id: str, filename: str, revision: str | None) -> str | None:
+def _hub_unreachable(repo_id: str, filename: str, revision: str | None, token: str | bool | None = None) -> str | None:
     """Why the Hub gives no metadata for the file right now (no network, offline mode, a server error),
     or None when it answers. An answer that the file does not exist raises."""
     try:
-        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=hub_constants.HF_HUB_ETAG_TIMEOUT)
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), token=token,
+                             timeout=hub_constants.HF_HUB_ETAG_TIMEOUT)
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
         raise _not_on_hub(repo_id, filename, revision, exc) from None
     except HfHubHTTPError as exc:
@@ -237,14 +308,23 @@ def _not_on_hub(repo_id: str, filename: str, revision: str | None, exc: Exceptio
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
-                    sha256: str | None = None) -> LoadedModel:
+                    sha256: str | None = None, variant: str | None = None, token: str | bool | None = None,
+                    force_download: bool = False) -> LoadedModel:
     """Resolve a local path, a preset name (``xar-b`` from the Hub, ``xar-digits`` shipped with the
-    package), or a Hub repo id in our format, and load it (checking the weights' ``sha256`` if given)."""
-    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    package), or a Hub repo id in our format, and load it (checking the weights' ``sha256`` if given).
+    ``variant`` picks the weights of a model folder (local or on the Hub); ``token`` and
+    ``force_download`` concern Hub downloads."""
+    check_variant(variant)
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+               force_download=force_download)
     if Path(name_or_path).exists():  # a local file wins over a preset or repo id of the same name
-        return load_local(name_or_path, dtype=dtype, device=device, sha256=sha256)
+        return load_local(name_or_path, dtype=dtype, device=device, sha256=sha256, variant=variant)
     preset = find_preset(str(name_or_path))
     if preset is not None:
+        if variant is not None:
+            raise InvalidArgumentError(f"variant={variant!r} picks a weights file of a folder made by save_pretrained; "
+                                       f"the preset {name_or_path} has one set of weights: leave variant out (dtype= "
+                                       "sets the precision it runs in)")
         if preset.bundled_dir is not None:
             path = Path(str(files("xar_infer") / "data" / preset.bundled_dir))
         else:
@@ -254,41 +334,9 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = tor
     name = str(name_or_path)
     if name.count("/") == 1 and not name.endswith(CHECKPOINT_SUFFIXES):
         config_path = hub_download(name, CONFIG_NAME, **hub)
-        hub_download(name, WEIGHTS_NAME, **hub)
-        return load_local(config_path.parent, dtype=dtype, device=device, sha256=sha256)
+        hub_download(name, weights_name(variant), **hub)
+        if read_folder_config(config_path).includes_vae:
+            hub_download(name, f"{VAE_FOLDER}/{weights_name(variant)}", **hub)
+        return load_local(config_path.parent, dtype=dtype, device=device, sha256=sha256, variant=variant)
     raise CheckpointError(f"{name!r} is not a preset ({', '.join(PRESETS)}), an existing file or directory, "
                           "or a Hub repo id (owner/name)")
-
-
-def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Convert a released ``.pth`` into ``out_dir/model.safetensors`` + ``out_dir/config.json``.
-
-    The checkpoint is fully validated first (it is loaded into a model). Existing files are kept
-    unless ``overwrite``; each file appears whole or not at all.
-    """
-    out_dir = Path(out_dir)
-    targets = [out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME]
-    existing = [str(t) for t in targets if os.path.lexists(t)]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist; choose another directory or pass overwrite=True")
-    loaded = load_local(source)
-    save_model_dir(loaded.model, out_dir, loaded.num_inference_steps, loaded.guidance_scale, overwrite=overwrite)
-    return out_dir
-
-
-def save_model_dir(model: XARTransformer, out_dir: str | os.PathLike, num_inference_steps: int,
-                   guidance_scale: float, *, overwrite: bool = False) -> None:
-    """Write our format: ``model.safetensors`` (parameters) and ``config.json`` (architecture and
-    sampling defaults), each written whole under a temporary name first; existing files are replaced
-    only with ``overwrite``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hint = "pass overwrite=True (xar-convert: --overwrite) to replace it"
-    write_file_by_path(out_dir / WEIGHTS_NAME, lambda tmp: write_safetensors(model.state_dict(), tmp),
-                       overwrite=overwrite, exists_hint=hint)
-    config = json.dumps({
-        "xar_config": model.config.to_dict(),
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
-    }, indent=2) + "\n"
-    write_file(out_dir / CONFIG_NAME, lambda f: f.write(config.encode()), overwrite=overwrite, exists_hint=hint)

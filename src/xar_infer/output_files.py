@@ -1,21 +1,25 @@
 """Writing files so that none is ever half-written or silently replaced.
 
-Every file xar_infer writes (images, grids, latents, sample sets and their shards, converted models)
+Every file xar_infer writes (images, grids, latents, sample sets and their shards)
 goes through :func:`write_file`: the bytes go to a new temporary file in the target's folder, are
 flushed to disk, and only then is the file given its final name. Without ``overwrite`` that last step
 is a hard link, which the operating system refuses when anything (a file, a folder, a symlink) holds
 the name, so a file that appeared after our start-up checks is never replaced. With ``overwrite`` it
 is a rename, which replaces a symlink itself instead of writing through it. A failure removes the
-temporary file and names the target and the cause.
+temporary file and names the target and the cause. A saved model's folder, several files that
+belong together, goes through :func:`write_folder`, which stages them all before placing any.
 """
 
 from __future__ import annotations
 
 import errno
+import filecmp
 import os
 import secrets
+import shutil
+import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Mapping
 
 # Why a write failed, in words a user acts on.
 _CAUSES = {
@@ -80,6 +84,56 @@ def write_file_by_path(path: str | os.PathLike, write: Callable[[Path], None], *
             os.fsync(f.fileno())
 
     _write_through_temporary(Path(path), fill, overwrite, exists_hint)
+
+
+def write_folder(folder: str | os.PathLike, files: Mapping[str, Callable[[Path], None]], *, overwrite: bool = False,
+                 exists_hint: str = "") -> list[str]:
+    """Write several files into ``folder`` (made if missing) as one save: ``files`` maps each name
+    (``"vae/model.safetensors"`` makes the subfolder) to a writer that takes a path.
+
+    Every file is first written whole into a hidden staging folder inside ``folder``. Then each is
+    compared with what ``folder`` holds under its name: an identical file is kept as it is, and a
+    different one raises ``FileExistsError`` unless ``overwrite``, before any file is moved, so a
+    refused save changes nothing. Then the files take their names one by one, in the order given
+    (each whole, as with :func:`write_file`). Returns the names that were written (not kept).
+    """
+    folder = Path(folder)
+    staging = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging.", suffix=".tmp", dir=folder))
+        for name, write in files.items():
+            staged = staging / name
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            mode = staged.stat().st_mode & 0o777  # the umask's mode, as write_file_by_path keeps it
+            write(staged)
+            os.chmod(staged, mode)
+            with open(staged, "rb") as f:
+                os.fsync(f.fileno())
+        changed = []
+        for name in files:
+            target = folder / name
+            if target.is_dir() and not target.is_symlink():
+                raise _os_error(IsADirectoryError, errno.EISDIR, f"{target} is a directory; it cannot be replaced by a file")
+            if not os.path.lexists(target):
+                changed.append(name)
+            elif target.is_symlink() or not filecmp.cmp(staging / name, target, shallow=False):
+                if not overwrite:
+                    raise _os_error(FileExistsError, errno.EEXIST, f"{target} already exists and differs from the "
+                                    f"file this save writes" + (f"; {exists_hint}" if exists_hint else ""))
+                changed.append(name)
+        for name in changed:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            _publish(staging / name, folder / name, overwrite, exists_hint)
+        return changed
+    except (FileExistsError, IsADirectoryError):
+        raise
+    except OSError as exc:
+        raise _os_error(WriteError, exc.errno, f"{describe_os_error(exc)} writing {folder}") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_through_temporary(path: Path, fill: Callable[[Path], None], overwrite: bool, exists_hint: str) -> None:

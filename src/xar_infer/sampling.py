@@ -168,8 +168,36 @@ class Evaluation:
 ImageSampler = Generator[Evaluation, Tensor, Tensor]
 
 
+@dataclass(frozen=True)
+class Step:
+    """What an ``on_step`` hook of :func:`sample_image` is shown after each network evaluation.
+
+    ``index``: the evaluation's number in the image's sampling, from 0. ``t``: its flow time (1 is
+    noise). ``cell``: the cell it was for. ``x`` [B, tokens_per_cell, channels], the sampler's state
+    dtype: the state the next evaluation reads (for Heun's corrector, the Euler estimate it is
+    evaluated at); after the cell's last evaluation, the finished cell. ``cells``: the finished cells,
+    float32, that one included.
+    """
+
+    index: int
+    t: float
+    cell: int
+    x: Tensor
+    cells: list[Tensor]
+
+
+class StopSampling(Exception):
+    """Raised by an ``on_step`` hook to end sampling at once: :func:`sample_image` then returns the
+    finished cells, with zeros for the cell under way and those after it."""
+
+
+# on_step(step) -> None, or a tensor of x's shape that replaces x; or raises StopSampling.
+StepHook = Callable[[Step], "Tensor | None"]
+
+
 def sample_image(plan: SamplingPlan, noise: "NoiseSource", cell_shape: tuple[int, int], grid_size: int, cell_size: int,
-                 step: StepFn = flow_step, on_cell: Callable[[int, list[Tensor]], None] | None = None) -> ImageSampler:
+                 step: StepFn = flow_step, on_cell: Callable[[int, list[Tensor]], None] | None = None,
+                 on_step: StepHook | None = None) -> ImageSampler:
     """Generate the latent [B, c, grid, grid] (model scale) of ``noise.batch_size`` images, cell by cell.
 
     Yields every network evaluation it needs and expects its velocity back. With guidance the
@@ -177,12 +205,18 @@ def sample_image(plan: SamplingPlan, noise: "NoiseSource", cell_shape: tuple[int
     interval) and where its context must grow (a cell's first call when any cell guides), as in the
     released sampler, which computes and then discards the rest. ``on_cell(index, cells)`` is called
     after every finished cell with the clean cells so far ([B, tokens, channels] float32 each).
+
+    ``on_step(step)`` is called after every evaluation has moved the state (:class:`Step`). A tensor
+    it returns replaces ``step.x`` from then on: it is copied into the state the cell sampler holds
+    (the samplers keep no other copy), or, after a cell's last evaluation, it becomes the finished
+    cell, which the next cell then sees as its context. ``StopSampling`` from it ends the sampling.
     """
     device = noise.device
     # float64 like the released sampler; MPS has no float64.
     state_dtype = torch.float32 if device.type == "mps" else torch.float64
     B = noise.batch_size
     cells: list[Tensor] = []
+    evaluations = 0
     for index, cell in enumerate(plan.cells):
         prefix = cells[-1] if cells else None
         scales = torch.full((B,), cell.scale, dtype=state_dtype, device=device)
@@ -196,12 +230,37 @@ def sample_image(plan: SamplingPlan, noise: "NoiseSource", cell_shape: tuple[int
             prefix = None
             try:
                 request = sampler.send((velocity, scales if guide else None))
+                state = request[0]
             except StopIteration as finished:
-                cells.append(finished.value.float())
+                request, state = None, finished.value
+            if on_step is not None:
+                shown = cells if request is not None else [*cells, state.float()]
+                try:
+                    replacement = on_step(Step(evaluations, t, index, state, shown))
+                except StopSampling:
+                    sampler.close()
+                    no_cell = state.new_zeros(B, 0, state.shape[2], dtype=torch.float32)
+                    return cells_to_latent(shown or [no_cell], grid_size, cell_size)
+                if replacement is not None:
+                    if request is None:
+                        state = replacement.to(device=state.device, dtype=state.dtype)
+                    else:
+                        state.copy_(replacement.clone())  # a copy first: the replacement may view the state
+            evaluations += 1
+            if request is None:
+                cells.append(state.float())
                 break
         if on_cell is not None:
             on_cell(index, cells)
     return tokens_to_latent(torch.cat(cells, dim=1), grid_size, cell_size)
+
+
+def cells_to_latent(cells: list[Tensor], grid_size: int, cell_size: int) -> Tensor:
+    """The latent [B, c, grid, grid] of the first ``len(cells)`` cells ([B, tokens, c] each), zero elsewhere."""
+    tokens = torch.cat(cells, dim=1)
+    missing = grid_size**2 - tokens.shape[1]
+    tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], missing, tokens.shape[2])], dim=1)
+    return tokens_to_latent(tokens, grid_size, cell_size)
 
 
 def tokens_to_latent(tokens: Tensor, grid_size: int, cell_size: int) -> Tensor:

@@ -26,7 +26,7 @@ from ..errors import InvalidArgumentError
 from ..imagenet import resolve_class_labels
 from ..memory import require_memory
 from ..model import CellBatch, XARTransformer, to_device
-from ..sampling import NoiseSource, sample_image, tokens_to_latent
+from ..sampling import NoiseSource, StepHook, cells_to_latent, sample_image
 from ..settings import SamplingSettings
 from .requests import CellCallback, GenerationFuture, GenerationRequest, Job
 from .scheduler import Scheduler
@@ -160,13 +160,15 @@ class Engine:
 
     def add_job(self, labels: Tensor, settings: SamplingSettings, noise: NoiseSource, finish: Callable[[Tensor], Any],
                 future: Future | None = None, on_evaluation: Callable[[], None] | None = None,
-                on_cell: Callable[[int, list[Tensor]], None] | None = None) -> Future:
+                on_cell: Callable[[int, list[Tensor]], None] | None = None, on_step: StepHook | None = None) -> Future:
         """Queue ``len(labels)`` images sampled together from ``noise`` (one generator keeps the
-        released draw order); ``finish(latent)`` makes the future's result. Thread-safe."""
+        released draw order); ``finish(latent)`` makes the future's result. Thread-safe. ``on_cell``
+        and ``on_step``: the sampler's hooks (``sampling.sample_image``), run in the engine's thread
+        between network calls."""
         config = self.model.config
         plan = settings.plan(config.num_cells)
         sampler = sample_image(plan, noise, (config.tokens_per_cell, config.token_channels), config.grid_size,
-                               config.cell_size, self.backend.flow_step, on_cell)
+                               config.cell_size, self.backend.flow_step, on_cell, on_step)
         job = Job(labels, plan, sampler, future or Future(), finish, on_evaluation)
         if job.num_slots > self.max_rows:
             raise InvalidArgumentError(f"{len(labels)} image(s) need {job.num_slots} rows (one per image and guidance "
@@ -346,11 +348,7 @@ class Engine:
             pass
 
     def _partial_latent(self, cells: list[Tensor]) -> Tensor:
-        config = self.model.config
-        tokens = torch.cat(cells, dim=1)
-        missing = config.seq_len - tokens.shape[1]
-        tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], missing, tokens.shape[2])], dim=1)
-        return tokens_to_latent(tokens, config.grid_size, config.cell_size)
+        return cells_to_latent(cells, self.model.config.grid_size, self.model.config.cell_size)
 
     # ---------------------------------------------------------------- the background thread
     def start(self) -> "Engine":
@@ -403,12 +401,14 @@ class Engine:
 
 def generate_latents(model: XARTransformer, labels: Tensor, settings: SamplingSettings, noise: NoiseSource,
                      backend: Backend, on_evaluation: Callable[[], None] | None = None,
-                     network: NetworkFactory = EagerNetwork) -> Tensor:
+                     network: NetworkFactory = EagerNetwork, on_step: StepHook | None = None) -> Tensor:
     """The latent [B, c, grid, grid] (model scale) of ``labels``, generated as one job on an engine of
     its size, in this thread: the network calls of lockstep sampling, with the released draw order
-    when ``noise`` has one generator."""
+    when ``noise`` has one generator. ``on_step``: the sampler's hook after each evaluation
+    (``sampling.sample_image``), which may replace its state or stop it."""
     rows = len(labels) * (2 if settings.plan(model.config.num_cells).guided else 1)
     engine = Engine(model, backend, rows, (settings.steps_per_cell, settings.guidance_scale), network=network)
-    future = engine.add_job(labels, settings, noise, finish=lambda latent: latent, on_evaluation=on_evaluation)
+    future = engine.add_job(labels, settings, noise, finish=lambda latent: latent, on_evaluation=on_evaluation,
+                            on_step=on_step)
     engine.run_until_idle()
     return future.result()
