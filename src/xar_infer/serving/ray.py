@@ -47,6 +47,8 @@ def build_application(args: argparse.Namespace) -> Application:
     deployment = serve.deployment(
         XARReplica, name=DEPLOYMENT_NAME, num_replicas=args.replicas,
         ray_actor_options={"num_gpus": 1} if on_gpu else {"num_cpus": 1},
+        # A replica's engine batches every request it holds: let it hold as many as it may queue.
+        max_ongoing_requests=args.max_rows + args.max_queue,
         # Ray waits this long for a replica's requests before stopping it; the app's own timeout goes first.
         graceful_shutdown_timeout_s=args.shutdown_timeout + 5)
     return deployment.bind(model_options(args), server)
@@ -70,7 +72,7 @@ def parse_options(options: dict[str, str]) -> argparse.Namespace:
 
 def app(options: dict[str, str]) -> Application:
     """The application builder of ``serve run xar_infer.serving.ray:app name=value ...``."""
-    args = parse_options(options)
+    args = parse_options({**options, "ray": "true"})
     validate_serve_args(args)
     return build_application(args)
 
@@ -79,15 +81,16 @@ def run_ray(args: argparse.Namespace) -> None:
     """``xar-serve --ray``: start Ray Serve on this machine with the app, until SIGTERM or Ctrl-C."""
     import ray
 
+    ray.init(include_dashboard=False)
+    # After ray.init, which installs its own SIGTERM handler (one that kills the process at once).
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda number, frame: stop.set())
-    ray.init(include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_application(args), name=DEPLOYMENT_NAME, route_prefix="/")
         print(f"xar-serve: {args.replicas} replica(s) serving on http://{args.host}:{args.port}", flush=True)
         stop.wait()
-        serve.shutdown()
+        serve.shutdown()  # each replica's app shuts down as a single server does
     finally:
         ray.shutdown()
