@@ -247,6 +247,16 @@ def test_a_failing_generation_answers_500_without_a_traceback_and_others_go_on(p
     assert client.post("/v1/generate", json={"class_label": 1, "num_inference_steps": STEPS}).status_code == 200
 
 
+def test_a_bug_answers_500_in_one_line_without_a_traceback(client, monkeypatch):
+    def broken():
+        raise KeyError("secret internals")
+
+    monkeypatch.setattr(client.app.state.service.metrics, "render", broken)
+    answer = TestClient(client.app, raise_server_exceptions=False).get("/metrics")
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error (KeyError); the server's log has the details"}
+
+
 def test_health_model_description_metrics_and_page(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     model = client.get("/v1/model").json()

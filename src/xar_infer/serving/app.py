@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import os
 import socket
 import time
@@ -36,8 +35,6 @@ from ..pipeline import XARPipeline
 from .images import npy_bytes, png_bytes, preview
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .service import GenerationService, QueueFullError, ShuttingDownError, Ticket
-
-log = logging.getLogger("xar_infer.serving")
 
 EXAMPLE_BODY = '{"class_label": 7, "seed": 3}'
 CANCELLED_AT_SHUTDOWN = "the server is stopping: the request was cancelled; retry on another replica or later"
@@ -163,8 +160,7 @@ def create_app(pipe: XARPipeline, *, max_rows: int = 64, max_queue: int = 256, b
         return error_response(422, validation_message(error.errors()))
 
     @app.exception_handler(Exception)
-    async def bug(request: Request, error: Exception):
-        log.exception("error answering %s %s", request.method, request.url.path)
+    async def bug(request: Request, error: Exception):  # Starlette re-raises it after, for the server's log
         return error_response(500, f"internal error ({type(error).__name__}); the server's log has the details")
 
     def submit(body: GenerateBody, output_type: str, on_cell=None) -> Ticket | JSONResponse:
