@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from xar_infer import XARPipeline  # noqa: E402
 from xar_infer.serving.app import create_app  # noqa: E402
+from xar_infer.serving.options import model_options  # noqa: E402
 from xar_infer.serving.ray import app as ray_app, parse_options  # noqa: E402
 
 from cpu_threads import subprocess_env  # noqa: E402
@@ -36,6 +38,10 @@ def test_serve_run_takes_xar_serve_options_by_name():
                           "cuda_graphs": "false", "local_files_only": "true"})
     assert (args.model, args.replicas, args.max_rows, args.batching) == ("xar-digits", 3, 16, "static")
     assert args.cuda_graphs is False and args.local_files_only is True
+    # Paths are made absolute for the replicas, which run in other working directories.
+    options = model_options(parse_options({"checkpoint": "weights/model.safetensors", "vae": "kl16.ckpt"}))
+    assert options["checkpoint"] == str(Path.cwd() / "weights" / "model.safetensors")
+    assert options["vae"] == str(Path.cwd() / "kl16.ckpt") and options["model"] is None
     with pytest.raises(SystemExit):  # argparse's one-line error, as xar-serve gives
         parse_options({"max_rows": "many"})
     with pytest.raises(ValueError, match="--max-rows"):

@@ -4,6 +4,7 @@ command (``cli``) and the Ray Serve builder (``ray``), which takes the same opti
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -88,7 +89,12 @@ def validate_serve_args(args: argparse.Namespace) -> torch.device:
 
 
 def model_options(args: argparse.Namespace) -> dict:
-    """The options that rebuild the model elsewhere (a Ray replica), as plain values."""
+    """The options that rebuild the model elsewhere (a Ray replica), as plain values; paths made
+    absolute, since a replica runs in another working directory."""
     names = ("model", "checkpoint", "revision", "cache_dir", "local_files_only", "sha256", "vae", "device", "dtype",
              "backend", "cuda_graphs")
-    return {name: getattr(args, name) for name in names}
+    options = {name: getattr(args, name) for name in names}
+    for name in ("checkpoint", "cache_dir", "vae"):
+        if options[name] is not None:
+            options[name] = str(Path(options[name]).absolute())
+    return options
