@@ -179,7 +179,8 @@ def measure(servers: dict[str, Server], trace: list[dict], repeats: int) -> dict
 def markdown(report: dict) -> str:
     a = report["args"]
     lines = [f"# xar-serve under load, continuous against static batching: {report['cpu']}, {report['cpu_count']} CPU cores", "",
-             f"`python benchmarks/serve.py`: torch {report['torch']}, model {a['checkpoint'] or a['model']}, "
+             f"`python benchmarks/serve.py --burst-batches {a['burst_batches']}`: torch {report['torch']}, "
+             f"model {a['checkpoint'] or a['model']}, "
              f"{a['steps']} SDE steps per cell, guided (the model's default guidance), --max-rows {a['max_rows']} "
              f"(static batches of up to {a['max_rows'] // 2} images), {a['threads']} torch thread(s) per server; "
              f"client and servers on the same machine. Load average (1 min) before and after each pass in "
@@ -228,7 +229,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-rows", type=int, default=32)
     parser.add_argument("--requests", type=int, default=150, help="requests per open-loop pass")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--burst-batches", type=int, default=4)
+    parser.add_argument("--burst-batches", type=int, default=8)
     parser.add_argument("--loads", default="0.5,0.9")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server (default: 1; the "
                                                                 "client needs a core too)")
