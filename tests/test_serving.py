@@ -269,9 +269,10 @@ def test_health_model_description_metrics_and_page(client):
     for name in ("xar_queue_length", "xar_rows_per_network_call", 'xar_requests_total{outcome="ok"}',
                  'xar_requests_total{outcome="invalid"}', "xar_request_latency_seconds_bucket"):
         assert name in metrics.text
-    page = client.get("/")
+    page, script = client.get("/"), client.get("/static/app.js")
     assert page.status_code == 200 and "/static/app.js" in page.text
-    assert "fetch(\"/v1/generate/stream\"" in client.get("/static/app.js").text
+    assert "fetch(\"/v1/generate/stream\"" in script.text
+    assert "http" not in page.text + script.text  # nothing fetched from elsewhere: it works offline
 
 
 def test_an_imagenet_model_takes_class_names_and_grey_previews_over_its_vae():
@@ -290,6 +291,8 @@ def test_an_imagenet_model_takes_class_names_and_grey_previews_over_its_vae():
         assert np.array_equal(np.load(io.BytesIO(answer.content)), expected.numpy())
         ambiguous = imagenet.post("/v1/generate", json={"class_label": "crane"})
         assert ambiguous.status_code == 422 and "134" in ambiguous.json()["error"] and "517" in ambiguous.json()["error"]
+        misspelt = imagenet.post("/v1/generate", json={"class_label": "golden retreiver"})
+        assert misspelt.status_code == 422 and "golden retriever" in misspelt.json()["error"]  # the suggestion
         events = parse_events(imagenet.post("/v1/generate/stream", json={"class_label": 207, "seed": 1}).text)
     final = np.asarray(pipe([207], generator=generator(), output_type="pil").images[0])
     assert np.array_equal(pixels(base64.b64decode(events[-1][1]["png"])), final)
