@@ -344,7 +344,7 @@ def server(tmp_path_factory):
     port, log = free_port(), tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "xar_infer.serving.cli", "--port", str(port),
-                                    "--max-rows", "2", "--max-queue", "1", "--shutdown-timeout", "3"],
+                                    "--max-rows", "2", "--max-queue", "1", "--shutdown-timeout", "5"],
                                    stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -453,7 +453,7 @@ def test_sigterm_finishes_what_fits_in_the_timeout_cancels_the_rest_and_exits_0(
 
     def short():  # unguided: one row each, so it runs beside the long one
         answers["short"] = httpx.post(server.url + "/v1/generate", timeout=60,
-                                      json={"class_label": 4, "seed": 4, "num_inference_steps": 15,
+                                      json={"class_label": 4, "seed": 4, "num_inference_steps": 8,
                                             "guidance_scale": 1.0})
 
     events = []
