@@ -274,3 +274,27 @@ def test_attention_kernels_compile_for_hopper_with_vector_loads_only(tmp_path):
     [ragged] = [r for r in rows if r["kernel"] == "ragged attention"]
     assert ragged["vector_loads"] > 0 and ragged["scalar_loads"] == 4  # slot, cell, row start, the row's first cell
     assert ragged["spill_store_bytes"] == 0 and 0 < ragged["registers"] <= 255
+
+
+def test_serve_benchmark_quick_run(tmp_path):
+    """Smoke run of benchmarks/serve.py: two xar-serve processes (continuous and static), a burst for
+    the capacity, then Poisson arrivals at 50% and 90% of it over HTTP; every figure present and sane."""
+    pytest.importorskip("fastapi", reason="xar-serve needs the serve extra: pip install 'xar_infer[serve]'")
+    subprocess.run([sys.executable, str(BENCHMARKS / "serve.py"), "--quick", "--out-dir", str(tmp_path),
+                    "--name", "quick"], check=True, capture_output=True, timeout=300, env=subprocess_env())
+    report = json.loads((tmp_path / "quick.json").read_text())
+    assert set(report["capacity"]) == {"continuous", "static"}
+    assert report["capacity_images_per_s"] == max(c["throughput_images_per_s"] for c in report["capacity"].values()) > 0
+    assert [run["load"] for run in report["open_loop"]] == [0.5, 0.9]
+    for run in report["open_loop"]:
+        assert run["rate"] == pytest.approx(run["load"] * report["capacity_images_per_s"])
+        for policy in ("continuous", "static"):
+            r = run["policies"][policy]
+            [single_pass] = r["passes"]
+            assert len(single_pass["latencies_s"]) == 6  # every request answered
+            assert all(0 < first < latency for first, latency in zip(single_pass["first_cell_s"], single_pass["latencies_s"]))
+            assert 0 < r["p50_latency_s"] <= r["p95_latency_s"] <= r["p99_latency_s"]
+            assert r["throughput_images_per_s"] > 0 and single_pass["rows_per_call"] >= 1
+    text = (tmp_path / "quick.md").read_text()
+    assert text.startswith(f"# xar-serve under load, continuous against static batching: {report['cpu']}")
+    assert "| 90% |" in text and "throughput, continuous / static" in text
