@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -123,24 +124,19 @@ def check_statistics(statistics: dict[str, np.ndarray], source: str, dims: int |
             raise InvalidArgumentError(f"{source}: {key} contains NaN or inf")
 
 
-class _open_zip:
-    """``zipfile.ZipFile(path)`` with one-line errors for a missing or non-zip file."""
-
-    def __init__(self, path: Path, role: str):
-        if not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
-            raise InvalidArgumentError(f"{role} {path} {what}; expected an .npz file")
-        try:
-            self.archive = zipfile.ZipFile(path)
-        except zipfile.BadZipFile:
-            raise InvalidArgumentError(f"{role} {path} is not an .npz (zip) file; expected {EXPECTED_IMAGES} or "
-                                       "FID statistics (mu, sigma)") from None
-
-    def __enter__(self) -> zipfile.ZipFile:
-        return self.archive
-
-    def __exit__(self, *exc) -> None:
-        self.archive.close()
+@contextmanager
+def _open_zip(path: Path, role: str) -> Iterator[zipfile.ZipFile]:
+    """``zipfile.ZipFile(path)``, with one-line errors for a missing or non-zip file."""
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise InvalidArgumentError(f"{role} {path} {what}; expected an .npz file")
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise InvalidArgumentError(f"{role} {path} is not an .npz (zip) file; expected {EXPECTED_IMAGES} or "
+                                   "FID statistics (mu, sigma)") from None
+    with archive:
+        yield archive
 
 
 def _read_header(member: BinaryIO, source: str = "arr_0") -> tuple[tuple[int, ...], bool, np.dtype]:

@@ -125,7 +125,7 @@ class StatisticsCache:
         key = hashlib.sha256(f"{self.reference_sha256}:{weights_sha256}".encode()).hexdigest()[:16]
         self.path = reference.with_name(f"{reference.stem}.fid-stats-{key}.npz")
 
-    def load(self) -> dict[str, np.ndarray] | None:
+    def load(self, feature_dims: int = POOL_DIMS) -> dict[str, np.ndarray] | None:
         """The cached statistics, or None if there are none yet."""
         if not self.path.exists():
             return None
@@ -141,7 +141,7 @@ class StatisticsCache:
                 or "mu" not in cached or "sigma" not in cached):
             raise InvalidArgumentError(foreign)
         statistics = {"mu": cached["mu"], "sigma": cached["sigma"]}
-        check_statistics(statistics, str(self.path), POOL_DIMS)
+        check_statistics(statistics, str(self.path), feature_dims)
         return statistics
 
     def store(self, statistics: dict[str, np.ndarray]) -> None:
@@ -171,21 +171,22 @@ class ScoringPlan:
 
 
 def plan(samples: ImageArray, reference: Reference, weights_sha256: str, *, precision_and_recall: bool = False,
-         cache: bool = True, minimum: int = MIN_SAMPLES, reliable: int = RELIABLE_SAMPLES) -> ScoringPlan:
+         cache: bool = True, minimum: int = MIN_SAMPLES, reliable: int = RELIABLE_SAMPLES,
+         feature_dims: int = POOL_DIMS) -> ScoringPlan:
     """Check everything that needs no Inception: the sample count, the reference, a cached statistics file.
 
-    FID uses the reference's own statistics where it has them, else those of its images (cached beside
-    it when ``cache``); precision and recall need its images.
+    FID uses the reference's own statistics where it has them (of ``feature_dims``-d features), else
+    those of its images (cached beside it when ``cache``); precision and recall need its images.
     """
     check_sample_count(len(samples), minimum, reliable)
     if precision_and_recall:
         check_precision_recall_inputs(len(samples), reference)
     statistics, store = reference.statistics, None
     if statistics is not None:
-        check_statistics(statistics, f"--ref {reference.path}", POOL_DIMS)
+        check_statistics(statistics, f"--ref {reference.path}", feature_dims)
     elif cache:
         store = StatisticsCache(reference.path, weights_sha256)
-        statistics = store.load()
+        statistics = store.load(feature_dims)
     return ScoringPlan(samples, reference, precision_and_recall, statistics, store if statistics is None else None)
 
 
