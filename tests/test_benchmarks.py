@@ -298,3 +298,46 @@ def test_serve_benchmark_quick_run(tmp_path):
     text = (tmp_path / "quick.md").read_text()
     assert text.startswith(f"# xar-serve under load, continuous against static batching: {report['cpu']}")
     assert "| 90% |" in text and "throughput, continuous / static" in text
+
+
+def test_quality_benchmark_runs_on_the_demo_model(tmp_path):
+    """benchmarks/quality.py end to end: xar-digits, three images per setting, a random-weight Inception
+    (offline), reference images from the digits data set."""
+    try:  # the fid extra (CI runs this test in the environment that has it, see .ci/run)
+        import torch_fidelity  # noqa: F401
+    except (ImportError, RuntimeError) as exc:
+        pytest.skip(f"torch-fidelity is not usable here ({type(exc).__name__})")
+    from random_inception import save_random_inception
+    from sklearn.datasets import load_digits
+
+    import numpy as np
+
+    from xar_infer.pipeline import XARPipeline, to_uint8
+    from xar_infer.sample_sets import fid_labels
+
+    sha256 = save_random_inception(tmp_path / "inception.pth")
+    digits = (load_digits().images[:5] * 255 / 16).round().astype(np.uint8)
+    np.savez(tmp_path / "reference.npz", arr_0=np.repeat(digits[..., None], 3, axis=3))
+    subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--model", "xar-digits", "--ref",
+                    str(tmp_path / "reference.npz"), "--num-images", "3", "--batch-size", "2", "--taper", "6,4,3,2",
+                    "--device", "cpu", "--inception-weights", str(tmp_path / "inception.pth"), "--inception-sha256",
+                    sha256, "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path), "--name", "smoke"],
+                   check=True, capture_output=True, timeout=900, env=subprocess_env(threads=None))
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    rows = report["rows"]
+    assert [r["name"] for r in rows] == ["exact", "bf16", "taper", "guidance-interval"]
+    assert rows[2]["num_inference_steps"] == [6, 4, 3, 2] and rows[3]["guidance_interval"] == [0.2, 0.8]
+    for r in rows:
+        assert r["num_images"] == 3 and r["seconds_per_image"] > 0 and np.isfinite(r["fid"]) and r["fid"] > 0
+    assert rows[0]["speedup_vs_exact"] == 1 and rows[0]["fid_minus_exact"] == 0
+    # The exact set is what the pipeline makes for the released labels and seeds 0, 1, 2 (grey as RGB).
+    pipe = XARPipeline.from_pretrained("xar-digits")
+    labels = fid_labels(3, 10).tolist()
+    expected = to_uint8(pipe(labels, generator=[torch.Generator().manual_seed(i) for i in range(3)],
+                             output_type="pt").images)
+    with np.load(tmp_path / "work" / "exact.npz") as data:
+        np.testing.assert_array_equal(data["arr_0"], np.repeat(expected, 3, axis=3))
+    # The reference's statistics were computed once and cached beside it for the other three settings.
+    assert len(list(tmp_path.glob("reference.fid-stats-*.npz"))) == 1
+    table = (tmp_path / "smoke.md").read_text()
+    assert "| taper (steps per cell 6,4,3,2) |" in table and "not FIDs comparable" in table
