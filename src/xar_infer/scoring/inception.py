@@ -98,8 +98,9 @@ def fetch_weights(path: Path, url: str, sha256: str = INCEPTION_SHA256) -> Path:
 def check_digest(path: Path, sha256: str, what: str) -> None:
     actual = file_sha256(path)
     if actual != sha256.lower():
-        raise CheckpointError(f"{what} has SHA-256 {actual}, not {sha256.lower()}: refusing to read it (pass "
-                              "--inception-sha256 HEX to accept another file on purpose)")
+        raise CheckpointError(f"{what} has SHA-256 {actual}, not {sha256.lower()}: refusing to read it; use the "
+                              f"official {WEIGHTS_FILE_NAME}, or pass --inception-weights PATH --inception-sha256 HEX "
+                              "to use another file on purpose")
 
 
 def load_weights(path: str | os.PathLike, sha256: str = INCEPTION_SHA256) -> dict[str, torch.Tensor]:
