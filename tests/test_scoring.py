@@ -311,6 +311,8 @@ def test_option_refusals(files, capsys, tmp_path):
     assert code == 2 and "pass both" in capsys.readouterr().err
     code = main([str(files["samples"]), "--ref", str(files["reference"]), "--json", str(files["samples"]), "--overwrite"])
     assert code == 2 and "names the SAMPLES file" in capsys.readouterr().err
+    code = main([str(files["samples"]), "--ref", str(files["reference"]), "--inception-weights", str(tmp_path / "no.pth")])
+    assert code == 2 and "no.pth is not a file" in capsys.readouterr().err
 
 
 def test_weights_download_is_checked_and_offline_says_what_to_do(files, tmp_path):

@@ -65,6 +65,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise InvalidArgumentError(f"--inception-sha256 must be 64 hexadecimal digits, got {args.inception_sha256!r}")
         if args.inception_weights is None:
             raise InvalidArgumentError("--inception-sha256 checks the file given by --inception-weights; pass both")
+    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
+        raise FileNotFoundError(f"--inception-weights {args.inception_weights} is not a file; download "
+                                f"torch-fidelity's {inception.WEIGHTS_FILE_NAME} (its release v0.2.0) and pass its path")
     if args.json is not None:
         target = Path(args.json)
         require_parent_folder(target, "--json")
