@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InvalidArgumentError
 from ..output_files import describe_os_error, write_file
-from .inception import LOGITS, POOL_DIMS, POOL_FEATURES, file_sha256, torch_fidelity
+from .inception import POOL_DIMS, file_sha256, torch_fidelity
 from .npz_inputs import ImageArray, Reference, check_statistics
 
 MIN_SAMPLES = 2  # a covariance needs two
