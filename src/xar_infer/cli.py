@@ -84,8 +84,9 @@ def _one_line(exc: BaseException) -> str:
     return message
 
 
-def _run(prog: str, action: Callable[[], None]) -> int:
-    """Run ``action``; turn user errors into one stderr line and exit status 2."""
+def run_command(prog: str, action: Callable[[], None]) -> int:
+    """Run a command's ``action``; turn user errors into one stderr line and exit status 2 (every
+    xar_infer command line runs this way)."""
     def show_warning(message, category, filename, lineno, file=None, line=None):
         print(f"{prog}: warning: {_first_line(str(message))}", file=sys.stderr)
 
@@ -632,7 +633,7 @@ def save_latents(path: Path, latents: Sequence[torch.Tensor], image_ids: Sequenc
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``xar-generate``; returns the exit status."""
     args = build_generate_parser().parse_args(argv)
-    return _run(GENERATE_PROG, lambda: generate(args))
+    return run_command(GENERATE_PROG, lambda: generate(args))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -679,7 +680,7 @@ def convert(args: argparse.Namespace) -> None:
 def convert_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``xar-convert``; returns the exit status."""
     args = build_convert_parser().parse_args(argv)
-    return _run(CONVERT_PROG, lambda: convert(args))
+    return run_command(CONVERT_PROG, lambda: convert(args))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from .. import __version__
-from ..cli import OneLineErrorParser, _run, check_device, same_file_name
+from ..cli import OneLineErrorParser, check_device, run_command, same_file_name
 from ..errors import InvalidArgumentError
 from ..output_files import require_parent_folder, write_file
 from . import inception
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``xar-fid``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    return _run(PROG, lambda: run(args))
+    return run_command(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

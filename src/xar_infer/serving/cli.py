@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import Sequence
 
-from ..cli import _run, load_pipeline
+from ..cli import load_pipeline, run_command
 
 SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client")
 # Seconds uvicorn waits for connections beyond --shutdown-timeout, when the requests have been
@@ -67,7 +67,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     from .options import SERVE_PROG, build_serve_parser  # the service's policies need the extra
 
     args = build_serve_parser().parse_args(argv)
-    return _run(SERVE_PROG, lambda: serve(args))
+    return run_command(SERVE_PROG, lambda: serve(args))
 
 
 if __name__ == "__main__":
