@@ -147,6 +147,35 @@ def same_file_name(a: Path, b: Path) -> bool:
 # xar-generate
 # --------------------------------------------------------------------------------------------------
 
+def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> argparse._ArgumentGroup:
+    """The "model" options of every command that loads one (xar-generate, xar-serve): which weights, VAE,
+    device, dtype, backend and CUDA graphs. Returns the group, for a command's own additions."""
+    model = parser.add_argument_group("model")
+    source = model.add_mutually_exclusive_group()
+    hub_presets = ", ".join(name for name, preset in PRESETS.items() if preset.bundled_dir is None)
+    bundled = ", ".join(name for name, preset in PRESETS.items() if preset.bundled_dir is not None)
+    source.add_argument("--model", help=f"released model: {hub_presets} (downloaded from the Hugging Face Hub), or "
+                                        f"{bundled} (bundled with the package: runs offline); default: {default_model}")
+    source.add_argument("--checkpoint", metavar="PATH",
+                        help="local weights: a released .pth, a .safetensors file or an xar-convert directory")
+    model.add_argument("--revision", help="Hub revision of the --model weights")
+    model.add_argument("--cache-dir", metavar="DIR", help="Hugging Face cache directory for --model")
+    model.add_argument("--local-files-only", action="store_true", help="do not download; use the Hub cache only")
+    model.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the transformer's weights file (checked before loading)")
+    model.add_argument("--vae", metavar="PATH", help="MAR's KL-16 VAE (kl16.ckpt), needed to decode images")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (default: cuda if available, else cpu)")
+    model.add_argument("--dtype", choices=DTYPES, default="fp32",
+                       help="transformer precision (default: fp32, the exact one); bf16 is the fast one on GPUs and on "
+                            "CPUs with bfloat16 instructions; fp16 is very slow on most CPUs")
+    model.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="kernels: triton (fused, CUDA), torch, or auto (triton on CUDA if installed; default)")
+    model.add_argument("--cuda-graphs", action="store_true",
+                       help="replay the transformer's calls from CUDA graphs (same images; faster at small "
+                            "batches, after capturing once per batch size)")
+    return model
+
+
 def build_generate_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog=GENERATE_PROG,
@@ -178,32 +207,10 @@ def build_generate_parser() -> argparse.ArgumentParser:
                           help="guide only at flow times LO <= t <= HI (t=1 is noise); faster, changes the images")
     sampling.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
 
-    model = parser.add_argument_group("model")
-    source = model.add_mutually_exclusive_group()
-    hub_presets = ", ".join(name for name, preset in PRESETS.items() if preset.bundled_dir is None)
-    bundled = ", ".join(name for name, preset in PRESETS.items() if preset.bundled_dir is not None)
-    source.add_argument("--model", help=f"released model: {hub_presets} (downloaded from the Hugging Face Hub), or "
-                                        f"{bundled} (bundled with the package: runs offline); default: {DEFAULT_MODEL}")
-    source.add_argument("--checkpoint", metavar="PATH",
-                        help="local weights: a released .pth, a .safetensors file or an xar-convert directory")
-    model.add_argument("--revision", help="Hub revision of the --model weights")
-    model.add_argument("--cache-dir", metavar="DIR", help="Hugging Face cache directory for --model")
-    model.add_argument("--local-files-only", action="store_true", help="do not download; use the Hub cache only")
-    model.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the transformer's weights file (checked before loading)")
-    model.add_argument("--vae", metavar="PATH", help="MAR's KL-16 VAE (kl16.ckpt), needed to decode images")
+    model = add_model_options(parser, DEFAULT_MODEL)
     model.add_argument("--vae-tiling", type=tiling, metavar="TILE[,OVERLAP]",
                        help="decode in windows of TILE latent cells with OVERLAP cells of halo "
                             f"(default {DEFAULT_TILE_OVERLAP}): bounds the decoder's memory, at a small cost in fidelity")
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--dtype", choices=DTYPES, default="fp32",
-                       help="transformer precision (default: fp32, the exact one); bf16 is the fast one on GPUs and on "
-                            "CPUs with bfloat16 instructions; fp16 is very slow on most CPUs")
-    model.add_argument("--backend", choices=BACKENDS, default="auto",
-                       help="kernels: triton (fused, CUDA), torch, or auto (triton on CUDA if installed; default)")
-    model.add_argument("--cuda-graphs", action="store_true",
-                       help="replay the transformer's calls from CUDA graphs (same images; faster at small "
-                            "batches, after capturing once per batch size)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--output", metavar="DIR",

@@ -9,9 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..backends import BACKENDS
-from ..cli import DTYPES, OneLineErrorParser, check_device, check_device_options
-from ..config import PRESETS
+from ..cli import OneLineErrorParser, add_model_options, check_device, check_device_options
 from ..errors import InvalidArgumentError
 from .service import BATCHING_POLICIES
 
@@ -26,22 +24,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
                     "(a preview per cell, as Server-Sent Events), a web page at /, /healthz and /metrics.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
-    model = parser.add_argument_group("model (as in xar-generate)")
-    source = model.add_mutually_exclusive_group()
-    source.add_argument("--model", help=f"a preset: {', '.join(PRESETS)} (default: {DEFAULT_MODEL}, bundled: runs offline)")
-    source.add_argument("--checkpoint", metavar="PATH",
-                        help="local weights: a released .pth, a .safetensors file or an xar-convert directory")
-    model.add_argument("--revision", help="Hub revision of the --model weights")
-    model.add_argument("--cache-dir", metavar="DIR", help="Hugging Face cache directory for --model")
-    model.add_argument("--local-files-only", action="store_true", help="do not download; use the Hub cache only")
-    model.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the transformer's weights file")
-    model.add_argument("--vae", metavar="PATH", help="MAR's KL-16 VAE (kl16.ckpt); without it an ImageNet model "
-                                                     "serves latents only")
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--dtype", choices=DTYPES, default="fp32", help="transformer precision (default: fp32)")
-    model.add_argument("--backend", choices=BACKENDS, default="auto", help="kernels: auto (default), torch or triton")
-    model.add_argument("--cuda-graphs", action="store_true", help="replay the transformer's calls from CUDA graphs")
+    add_model_options(parser, DEFAULT_MODEL)  # as in xar-generate
 
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; "
