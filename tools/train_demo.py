@@ -25,11 +25,13 @@ import torch
 from sklearn.datasets import load_digits
 
 from xar_infer.config import PRESETS
-from xar_infer.loading import CONFIG_NAME, WEIGHTS_NAME, save_model_dir
+from xar_infer.hub import save_model_folder
+from xar_infer.loading import CONFIG_NAME, WEIGHTS_NAME
 from xar_infer.model import CellBatch, XARTransformer
 from xar_infer.sampling import latent_to_tokens
 
-PRESET = PRESETS["xar-digits"]
+PRESET_NAME = "xar-digits"
+PRESET = PRESETS[PRESET_NAME]
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "xar_infer" / "data" / PRESET.bundled_dir
 LABEL_DROP = 0.1  # as the released training
 
@@ -114,8 +116,9 @@ def main() -> None:
     # Cells gather their position embeddings by index, whose backward sums the rows of all images at a
     # position; with several threads only the deterministic kernels keep a seed's weights identical.
     torch.use_deterministic_algorithms(True)
-    save_model_dir(train(args), args.out, PRESET.num_inference_steps, PRESET.guidance_scale, overwrite=args.overwrite)
-    print(f"wrote {args.out / WEIGHTS_NAME} and {args.out / CONFIG_NAME}")
+    written = save_model_folder(args.out, train(args), PRESET.num_inference_steps, PRESET.guidance_scale,
+                                overwrite=args.overwrite, repo_id=PRESET_NAME)
+    print(f"wrote {', '.join(str(args.out / name) for name in written)}")
 
 
 if __name__ == "__main__":
