@@ -3,7 +3,8 @@
 Every network call, the scheduler admits what fits; then each running job contributes the evaluation
 its sampler asked for (one noisy cell per image and half, plus the previous clean cell on a cell's
 first call), all packed into one :class:`~xar_infer.model.CellBatch`. Jobs at different cells, steps
-and settings share the call; each gets its own velocities back and its sampler moves one step. So a
+and settings share the call; each gets its own velocities back, and the state updates of all of
+them run together, one sampler step per kind of update; then each sampler moves on. So a
 request that arrives while others run joins at the next call instead of waiting for a whole batch.
 
 ``step()`` runs one call; ``start()`` runs calls in a background thread while there is work, which
@@ -26,7 +27,7 @@ from ..errors import InvalidArgumentError
 from ..imagenet import resolve_class_labels
 from ..memory import require_memory
 from ..model import CellBatch, XARTransformer, to_device
-from ..sampling import NoiseSource, StepHook, cells_to_latent, sample_image
+from ..sampling import NoiseSource, StepHook, apply_updates, cells_to_latent, sample_image
 from ..settings import SamplingSettings
 from .requests import CellCallback, GenerationFuture, GenerationRequest, Job
 from .scheduler import Scheduler
@@ -168,7 +169,7 @@ class Engine:
         config = self.model.config
         plan = settings.plan(config.num_cells)
         sampler = sample_image(plan, noise, (config.tokens_per_cell, config.token_channels), config.grid_size,
-                               config.cell_size, self.backend.flow_step, on_cell, on_step)
+                               config.cell_size, on_cell, on_step)
         job = Job(labels, plan, sampler, future or Future(), finish, on_evaluation)
         if job.num_slots > self.max_rows:
             raise InvalidArgumentError(f"{len(labels)} image(s) need {job.num_slots} rows (one per image and guidance "
@@ -193,8 +194,7 @@ class Engine:
                     for job in jobs:
                         self._fail(job, error)
                 else:
-                    for job, v in zip(jobs, velocities):
-                        self._advance(job, v)
+                    self._advance(jobs, velocities)
             return self.scheduler.has_work()
 
     def run_until_idle(self) -> None:
@@ -304,16 +304,25 @@ class Engine:
                 out[:, at] = table.lookup(rows, columns)
         return out
 
-    def _advance(self, job: Job, velocity: Tensor) -> None:
-        if job.on_evaluation is not None:
-            job.on_evaluation()
+    def _advance(self, jobs: list[Job], velocities: list[Tensor]) -> None:
+        """Step every job's sampler with its velocities: their state updates run together, one
+        ``flow_step`` per kind of update (``sampling.apply_updates``)."""
         try:
-            job.pending = job.sampler.send(velocity)
-        except StopIteration as finished:
-            job.pending = None
-            self._complete(job, finished.value)
+            results = apply_updates([job.pending.update for job in jobs], velocities, self.backend.flow_step)
         except Exception as error:
-            self._fail(job, error)
+            for job in jobs:
+                self._fail(job, error)
+            return
+        for job, result in zip(jobs, results):
+            if job.on_evaluation is not None:
+                job.on_evaluation()
+            try:
+                job.pending = job.sampler.send(result)
+            except StopIteration as finished:
+                job.pending = None
+                self._complete(job, finished.value)
+            except Exception as error:
+                self._fail(job, error)
 
     def _complete(self, job: Job, latent: Tensor) -> None:
         self._leave(job)
