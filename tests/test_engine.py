@@ -17,9 +17,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from xar_infer import GenerationRequest, InvalidArgumentError, NumericalError, XARPipeline
-from xar_infer.backends import TORCH
+from xar_infer.backends import TORCH, Backend
 from xar_infer.engine import EagerNetwork, Engine
 from xar_infer.engine.scheduler import Scheduler
+from xar_infer.sampling import flow_step
 
 from conftest import random_transformer
 from cpu_threads import one_torch_thread  # noqa: F401  (autouse: one thread for the tiny model)
@@ -183,6 +184,28 @@ def test_a_call_copies_from_the_host_at_most_three_times_however_many_requests(p
             engine.step()
     assert engine.num_calls - calls == 6
     assert counted.count <= 3 * 6
+
+
+def test_the_requests_of_a_call_share_one_sampler_step_per_kind(pipe):
+    """After a call the engine steps every request's sampler state together: requests moving in step
+    (same cell, same settings) make one ``flow_step`` per call, whatever their number, and each
+    still equals the request generated alone."""
+    kinds = []
+
+    def counted_flow_step(rule, x, velocity, t, dt, scales=None, **kwargs):
+        kinds.append((rule, len(x), scales is not None, kwargs.get("noise") is not None))
+        return flow_step(rule, x, velocity, t, dt, scales, **kwargs)
+
+    engine = Engine(pipe.transformer, Backend("counted", TORCH.ops, counted_flow_step), 8, (STEPS, 2.0))
+    requests = [GenerationRequest(class_label=i, seed=40 + i) for i in range(4)]
+    futures = [engine.submit(request) for request in requests]
+    engine.run_until_idle()
+    assert len(kinds) == engine.num_calls  # one step per call, for the four requests' rows together
+    assert {rows for _, rows, _, _ in kinds} == {4}
+    assert {(guided, noisy) for _, _, guided, noisy in kinds} == {(True, True), (True, False), (False, True),
+                                                                  (False, False)}  # cell 0 at scale 1: unguided
+    for request, future in zip(requests, futures):
+        assert torch.equal(future.result(), alone(pipe, request))
 
 
 def test_a_request_without_seed_gets_one(pipe):
