@@ -63,7 +63,7 @@ class Job:
         self.finish = finish  # latent -> the future's result
         self.on_evaluation = on_evaluation
         self.slots: list[int] = []  # conditional rows, then the unconditional ones when guided
-        self.table = None
+        self.table = None  # where its modulations are in the engine's store, if they fit
         self.row_labels: list[int] = []  # the label of each slot's row, known at admission
         self.pending: Evaluation | None = None  # the evaluation the next network call computes
 
