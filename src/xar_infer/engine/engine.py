@@ -269,7 +269,7 @@ class Engine:
     def _network_call(self, jobs: list[Job]) -> list[Tensor]:
         """One call for every job's pending evaluation; returns each job's velocities."""
         dtype = self.model.dtype
-        slots, cells, labels, times, rows_of_table, tokens, noisy = [], [], [], [], [], [], []
+        slots, cells, labels, times, cell_rows, tokens, noisy = [], [], [], [], [], [], []
         for job in jobs:
             e, B = job.pending, job.batch_size
             row_labels = job.row_labels
@@ -281,11 +281,11 @@ class Engine:
                     row = half * B + b
                     if e.prefix is not None:
                         slots.append(job.slots[row]), cells.append(e.cell - 1), labels.append(row_labels[row])
-                        times.append(0.0), rows_of_table.append((job, row))
+                        times.append(0.0), cell_rows.append((job, row))
                     if with_noisy:
                         noisy.append(len(slots))
                         slots.append(job.slots[row]), cells.append(e.cell), labels.append(row_labels[row])
-                        times.append(e.t), rows_of_table.append((job, row))
+                        times.append(e.t), cell_rows.append((job, row))
                 if e.prefix is not None and with_noisy:  # [prefix 0, x 0, prefix 1, x 1, ...]
                     tokens.append(torch.stack([e.prefix.to(dtype), e.x.to(dtype)], dim=1).flatten(0, 1))
                 else:
@@ -295,7 +295,7 @@ class Engine:
         # compute theirs: the lists go to the device in one copy, and not at all where a view does (a
         # pipeline call's usual call).
         stored, entries, computed = [], [], []
-        for i, (job, row) in enumerate(rows_of_table):
+        for i, (job, row) in enumerate(cell_rows):
             if job.table is None:
                 computed.append(i)
             else:

@@ -50,8 +50,8 @@ CellCallback = Callable[[int, Tensor], None]
 class Job:
     """B images generated together with one sampler (a request, or a pipeline call's batch).
 
-    The job owns its sampler generator, its cache slots (given by the scheduler) and its modulation
-    table; the engine advances it one evaluation per network call.
+    The job owns its sampler generator, its cache slots (given by the scheduler) and its entries in
+    the engine's modulation store; the engine advances it one evaluation per network call.
     """
 
     def __init__(self, labels: Tensor, plan: SamplingPlan, sampler: ImageSampler,
