@@ -19,7 +19,7 @@ from xar_infer import XARPipeline, XARTransformer
 from xar_infer.config import PRESETS
 from xar_infer.loading import released_buffers
 from xar_infer.engine import Engine
-from xar_infer.engine.engine import ModulationTable
+from xar_infer.engine.engine import ModulationStore
 from xar_infer.settings import SamplingSettings
 from xar_infer.vae import AutoencoderKLDecoder, VAEConfig
 
@@ -139,13 +139,13 @@ class XARContender(Contender):
         return self.pipe.decode(latents)
 
     def flops_per_image(self, steps: int) -> float:
-        # Whether the engine made a modulation table (it does up to a size, by default in pipe()) decides the count.
+        # Whether the engine kept the job's modulations (it does up to a size, by default in pipe()) decides the count.
         config, interval = self.preset.config, GUIDANCE_INTERVAL if self.mode == "interval" else None
         plan = SamplingSettings.build(config.num_cells, self.steps(steps), self.preset.guidance_scale,
                                       guidance_interval=interval).plan(config.num_cells)
         rows = self.batch * (2 if plan.guided else 1)
         table_bytes = inspect.signature(Engine).parameters["modulation_table_bytes"].default
-        table = ModulationTable.nbytes(self.pipe.transformer, rows, len(plan.modulation_times)) <= table_bytes
+        table = ModulationStore.nbytes(self.pipe.transformer, rows, len(plan.modulation_times)) <= table_bytes
         return xar_flops_per_image(config, self.steps(steps), self.preset.guidance_scale, modulation_table=table,
                                    guidance_interval=interval)
 

@@ -115,8 +115,8 @@ def test_graphed_engine_gives_the_eager_latents_exactly(model, backend, table_by
 
 def test_modulations_left_to_the_network_are_computed_in_the_graph(model, monkeypatch):
     """A caller that passes no modulations gets them computed from the static labels and times."""
-    monkeypatch.setattr(Engine, "_modulations", lambda self, batch, gathers: None)
-    monkeypatch.setattr(Engine, "_table_view", staticmethod(lambda gathers: None))
+    monkeypatch.setattr(Engine, "_modulations", lambda self, batch, on_device: None)
+    monkeypatch.setattr(Engine, "_store_view", lambda self, entries: None)
     made = []
     eager, _ = run_engine(model)
     assert_all_equal(run_engine(model, recording(made))[0], eager)

@@ -17,9 +17,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from xar_infer import GenerationRequest, InvalidArgumentError, NumericalError, XARPipeline
-from xar_infer.backends import TORCH
+from xar_infer.backends import TORCH, Backend
 from xar_infer.engine import EagerNetwork, Engine
+from xar_infer.engine.engine import ModulationStore
 from xar_infer.engine.scheduler import Scheduler
+from xar_infer.sampling import flow_step
 
 from conftest import random_transformer
 from cpu_threads import one_torch_thread  # noqa: F401  (autouse: one thread for the tiny model)
@@ -185,6 +187,28 @@ def test_a_call_copies_from_the_host_at_most_three_times_however_many_requests(p
     assert counted.count <= 3 * 6
 
 
+def test_the_requests_of_a_call_share_one_sampler_step_per_kind(pipe):
+    """After a call the engine steps every request's sampler state together: requests moving in step
+    (same cell, same settings) make one ``flow_step`` per call, whatever their number, and each
+    still equals the request generated alone."""
+    kinds = []
+
+    def counted_flow_step(rule, x, velocity, t, dt, scales=None, **kwargs):
+        kinds.append((rule, len(x), scales is not None, kwargs.get("noise") is not None))
+        return flow_step(rule, x, velocity, t, dt, scales, **kwargs)
+
+    engine = Engine(pipe.transformer, Backend("counted", TORCH.ops, counted_flow_step), 8, (STEPS, 2.0))
+    requests = [GenerationRequest(class_label=i, seed=40 + i) for i in range(4)]
+    futures = [engine.submit(request) for request in requests]
+    engine.run_until_idle()
+    assert len(kinds) == engine.num_calls  # one step per call, for the four requests' rows together
+    assert {rows for _, rows, _, _ in kinds} == {4}
+    assert {(guided, noisy) for _, _, guided, noisy in kinds} == {(True, True), (True, False), (False, True),
+                                                                  (False, False)}  # cell 0 at scale 1: unguided
+    for request, future in zip(requests, futures):
+        assert torch.equal(future.result(), alone(pipe, request))
+
+
 def test_a_request_without_seed_gets_one(pipe):
     engine = pipe.engine(max_rows=2)
     future = engine.submit(GenerationRequest(class_label=4))
@@ -293,3 +317,44 @@ def test_scheduler_slots_are_reused_lowest_first():
     assert scheduler.slots.take(3) == [0, 1, 2]
     scheduler.slots.give_back([1])
     assert scheduler.slots.take(2) == [1, 3]
+
+
+@torch.inference_mode()  # as the engine runs it
+def test_the_modulation_store_keeps_what_fits_and_reuses_what_is_freed(pipe):
+    """Jobs' modulations at admission, each job a range of entries: the values are the model's, a job
+    that does not fit gets nothing, freed entries are reused and merge again."""
+    model = pipe.transformer
+    c = model.config
+    entry = ModulationStore.nbytes(model, 1, 1)
+    store = ModulationStore(model, 10 * entry + entry // 2)  # room for 10 entries
+    times = [0.0, 0.5, 1.0]
+    first = store.add(torch.tensor([3, c.num_classes]), times, TORCH.ops)  # 2 rows x 3 times
+    second = store.add(torch.tensor([5]), times, TORCH.ops)
+    assert (first.start, second.start) == (0, 6)
+    assert store.add(torch.tensor([1, 2]), times, TORCH.ops) is None  # 6 entries, 1 left
+    for row, label in enumerate([3, c.num_classes]):
+        for t in times:
+            expected = torch.stack(model.modulations(torch.tensor([label]), torch.tensor([[t]], dtype=torch.float64),
+                                                     TORCH.ops))
+            assert torch.equal(store.values[:, first.entry(row, t)], expected[:, 0, 0])
+    store.remove(first)
+    third = store.add(torch.tensor([7]), times, TORCH.ops)
+    assert third.start == 0  # the first free range that fits
+    store.remove(third), store.remove(second)
+    assert store.add(torch.tensor([1, 2, 3]), times, TORCH.ops).start == 0  # 9 entries: the ranges merged
+
+
+def test_requests_with_and_without_stored_modulations_share_calls(pipe):
+    """A store with room for one request's modulations: the others compute theirs at every call, in
+    the same calls, and every request still equals itself generated alone."""
+    entry = ModulationStore.nbytes(pipe.transformer, 1, 1)
+    requests = [GenerationRequest(class_label=i, seed=60 + i, num_inference_steps=[3, 2, 2, 1][i:] + [2] * i)
+                for i in range(3)]
+    engine = pipe.engine(max_rows=6, modulation_table_bytes=12 * entry)  # one request: 2 rows x 4-6 times
+    futures = [engine.submit(request) for request in requests]
+    engine.step()
+    assert [job.table is not None for job in engine.scheduler.running] == [True, False, False]
+    engine.run_until_idle()
+    for request, future in zip(requests, futures):
+        assert torch.equal(future.result(), alone(pipe, request))
+    assert engine.modulation_store._free == [(0, 12)]  # all returned

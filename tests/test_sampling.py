@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from xar_infer.backends import TORCH
 from xar_infer.engine import Engine, generate_latents
-from xar_infer.sampling import NoiseSource, sample_image
+from xar_infer.sampling import NoiseSource, apply_updates, sample_image
 from xar_infer.settings import SamplingSettings, cell_guidance_scales, evaluations_per_cell, sde_time_grid
 
 from conftest import random_transformer
@@ -191,7 +192,8 @@ def test_sample_image_asks_for_the_released_evaluations():
             seen.append((evaluation.cell, round(evaluation.t, 6), evaluation.prefix is not None, evaluation.guide,
                          evaluation.both_halves))
             assert evaluation.x.shape == (2, 4, 3) and evaluation.x.dtype == torch.float64
-            evaluation = sampler.send(torch.zeros(4 if evaluation.guide else 2, 4, 3, dtype=torch.float64))
+            velocity = torch.zeros(4 if evaluation.guide else 2, 4, 3, dtype=torch.float64)
+            evaluation = sampler.send(apply_updates([evaluation.update], [velocity])[0])
     except StopIteration as done:
         latent = done.value
     assert seen == [(0, 1.0, False, False, False), (0, 0.04, False, False, False),  # scale 1: never guides
@@ -300,3 +302,42 @@ def test_guidance_interval(model64):
     full = _engine(model64, [3, 4], 5, 2.5, seeds=(1, 2), guidance_interval=(0.0, 1.0))
     assert torch.equal(full, _engine(model64, [3, 4], 5, 2.5, seeds=(1, 2)))
     assert (full - latent).abs().max().item() > 1e-3
+
+
+def test_apply_updates_steps_each_kind_once_and_each_update_as_alone():
+    """The engine's sampler step for many jobs: one ``flow_step`` per kind of update (rule, guided,
+    noisy, returning the guided velocity), on rows at different times, and each update's result equal
+    to the bit to its own ``flow_step``."""
+    from xar_infer.sampling import StateUpdate, StepTimes, flow_step
+    from xar_infer.settings import ode_time_grid
+
+    g = torch.Generator().manual_seed(0)
+    sde, ode = (StepTimes(grid, torch.device("cpu"), torch.float64) for grid in (sde_time_grid(5), ode_time_grid(4)))
+
+    def update(rule, step, batch, guided=False, noisy=False, heun=False, return_guided=False):
+        times = sde if rule == "sde" else ode
+        x = torch.randn(batch, 4, 3, generator=g, dtype=torch.float64)
+        return StateUpdate(rule, x, times.t[step], times.dt[step],
+                           scales=torch.tensor([2.5, 1.0, 3.0][:batch], dtype=torch.float64) if guided else None,
+                           noise=torch.randn(batch, 4, 3, generator=g, dtype=torch.float64) if noisy else None,
+                           previous=torch.randn(batch, 4, 3, generator=g, dtype=torch.float64) if heun else None,
+                           return_guided=return_guided)
+
+    updates = [update("sde", 0, 1, guided=True, noisy=True), update("sde", 3, 2, noisy=True),
+               update("sde", 2, 3, guided=True, noisy=True), update("sde", 4, 1), update("euler", 1, 2, guided=True),
+               update("sde", 1, 2, noisy=True), update("heun", 2, 1, heun=True), update("euler", 0, 1, guided=True),
+               update("euler", 3, 2, return_guided=True), update("heun", 0, 2, heun=True), update("sde", 4, 2)]
+    velocities = [torch.randn((2 if u.scales is not None else 1) * len(u.x), 4, 3, generator=g) for u in updates]
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return flow_step(*args, **kwargs)
+
+    results = apply_updates(updates, velocities, counted)
+    assert sorted(calls) == ["euler", "euler", "heun", "sde", "sde", "sde"]  # six kinds among eleven updates
+    for u, v, result in zip(updates, velocities, results):
+        alone = flow_step(u.rule, u.x, v, u.t, u.dt, u.scales, noise=u.noise, previous=u.previous,
+                          return_guided=u.return_guided)
+        for got, expected in zip(*((r,) if isinstance(r, Tensor) else r for r in (result, alone))):
+            assert torch.equal(got, expected)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xar_infer.errors import InvalidArgumentError
-from xar_infer.sampling import NoiseSource, sample_image
+from xar_infer.sampling import NoiseSource, apply_updates, sample_image
 from xar_infer.settings import (
     MAX_STEPS,
     CellPlan,
@@ -184,7 +184,8 @@ def test_the_sampler_evaluates_only_at_modulation_times(sampler):
     try:
         while True:
             times.append(evaluation.t)
-            evaluation = sampler_run.send(torch.zeros(2 if evaluation.guide else 1, 4, 1, dtype=torch.float64))
+            velocity = torch.zeros(2 if evaluation.guide else 1, 4, 1, dtype=torch.float64)
+            evaluation = sampler_run.send(apply_updates([evaluation.update], [velocity])[0])
     except StopIteration:
         pass
     assert len(times) == plan.num_evaluations

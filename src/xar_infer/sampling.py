@@ -5,14 +5,15 @@ velocity ``eps - x``. The sampler state stays float64 (float32 on MPS), as in th
 whatever the network's dtype. ``sde`` is the released Euler-Maruyama sampler; ``euler`` and ``heun``
 integrate the probability-flow ODE deterministically.
 
-The samplers are generators: they yield each network evaluation they need (an :class:`Evaluation`)
-and are sent its velocity. Whoever runs the network (``xar_infer.engine``) can so batch the
-evaluations of many images at different cells and steps into one call.
+The samplers are generators: they yield each network evaluation they need (an :class:`Evaluation`,
+with the :class:`StateUpdate` its velocity makes) and are sent that update's result. Whoever runs the
+network (``xar_infer.engine``) can so batch the evaluations of many images at different cells and
+steps into one call, and their updates into one ``flow_step`` per kind (:func:`apply_updates`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Generator, Sequence
 
 import torch
@@ -62,26 +63,30 @@ def sde_drift(v: Tensor, x: Tensor, t: Tensor) -> Tensor:
     return v - 0.5 * (2 * t) * score
 
 
-def flow_step(rule: str, x: Tensor, velocity: Tensor, times: Tensor, step: int, scales: Tensor | None = None,
+def flow_step(rule: str, x: Tensor, velocity: Tensor, t: Tensor, dt: Tensor, scales: Tensor | None = None,
               noise: Tensor | None = None, previous: Tensor | None = None, return_guided: bool = False):
-    """One sampler step for the batch: guidance per row, then the state update of ``rule``.
+    """One sampler step for R rows: guidance per row, then the state update of ``rule``.
 
     ``velocity``: the network's output for ``x`` [R, ...], or for the doubled batch [2R, ...]
     (conditional rows first) when ``scales`` [R] is given; a row with scale <= 1 uses its conditional
-    velocity as is. ``t = times[step]``, ``dt = times[step + 1] - t``. Rules: ``sde``, the released
-    Euler-Maruyama step on the drift (noiseless when ``noise`` is None: the last step); ``euler``,
-    ``x + dt * v`` (with ``return_guided``, also the guided ``v``); ``heun``, the corrector
-    ``x + dt / 2 * (previous + v)``. Arithmetic in ``x``'s dtype, in the released order. This is the
-    reference for ``xar_infer.kernels.flow_step``.
+    velocity as is. ``t``: the flow time the velocity was evaluated at, ``dt``: the step to the next
+    time, each one value for all rows (0-d) or one per row ([R]), in ``x``'s dtype, so that rows of
+    different jobs, at different times, step together. Rules: ``sde``, the released Euler-Maruyama
+    step on the drift (noiseless when ``noise`` is None: the last step); ``euler``, ``x + dt * v``
+    (with ``return_guided``, also the guided ``v``); ``heun``, the corrector
+    ``x + dt / 2 * (previous + v)``. Arithmetic in ``x``'s dtype, in the released order, elementwise:
+    a row's result does not depend on the rows beside it. This is the reference for
+    ``xar_infer.kernels.flow_step``.
     """
-    t, dt = times[step], times[step + 1] - times[step]
+    per_row = (-1, *[1] * (x.dim() - 1))
+    t, dt = t.view(per_row) if t.dim() else t, dt.view(per_row) if dt.dim() else dt
     cond, uncond = velocity.to(x.dtype).chunk(2) if scales is not None else (velocity.to(x.dtype), None)
     if rule == "sde":
         cond = sde_drift(cond, x, t)
         uncond = None if uncond is None else sde_drift(uncond, x, t)
     guided = cond
     if uncond is not None:
-        scale = scales.view(-1, *[1] * (x.dim() - 1))
+        scale = scales.view(per_row)
         guided = torch.where(scale > 1, uncond + scale * (cond - uncond), cond)
     if rule == "sde":
         return x + dt * guided if noise is None else x + guided * dt + torch.sqrt(2 * t) * (noise * torch.sqrt(dt.abs()))
@@ -93,55 +98,126 @@ def flow_step(rule: str, x: Tensor, velocity: Tensor, times: Tensor, step: int, 
     raise ValueError(f"unknown rule {rule!r}; choose one of ('sde', 'euler', 'heun')")
 
 
-# step(rule, x, velocity, times, step, scales, ...): flow_step or its kernel.
-StepFn = Callable[..., Tensor]
-
-# What a cell sampler yields (the state to evaluate and its flow time) and is sent back (the velocity,
-# and the per-row guidance scales when it holds both halves, else None).
-CellSampler = Generator[tuple[Tensor, float], tuple[Tensor, "Tensor | None"], Tensor]
+# step(rule, x, velocity, t, dt, scales, noise=, previous=, return_guided=): flow_step or its kernel.
+StepFn = Callable[..., "Tensor | tuple[Tensor, Tensor]"]
 
 
-def sample_cell_sde(x: Tensor, num_steps: int, noise: "NoiseSource", step: StepFn = flow_step) -> CellSampler:
-    """The released Euler-Maruyama sampler: ``num_steps`` evaluations, every step but the last noisy.
+@dataclass(frozen=True)
+class StateUpdate:
+    """A sampler step waiting for its velocity: ``flow_step(rule, x, velocity, t, dt, scales, noise,
+    previous, return_guided)``. Whoever runs the network applies it (:func:`apply_updates`, which
+    steps the updates of many jobs together) and sends the sampler the result."""
+
+    rule: str
+    x: Tensor
+    t: Tensor  # 0-d, x's dtype and device
+    dt: Tensor
+    scales: Tensor | None = None  # per image, when the velocity holds both guidance halves
+    noise: Tensor | None = None
+    previous: Tensor | None = None
+    return_guided: bool = False
+
+    @property
+    def kind(self) -> tuple:
+        """What changes the arithmetic: updates of one kind run as one ``flow_step``."""
+        return self.rule, self.scales is not None, self.noise is not None, self.return_guided
+
+
+def apply_updates(updates: Sequence[StateUpdate], velocities: Sequence[Tensor], step: StepFn = flow_step) -> list:
+    """Each update's result (as ``flow_step`` returns it) for its velocity, with one ``step`` per kind
+    of update on the rows of every update of that kind, each row at its own ``t`` and ``dt``.
+
+    This is how the engine steps all its jobs after a network call. ``flow_step`` is elementwise, so
+    an update's rows get the same operations on the same values as when stepped alone: its result is
+    the same to the bit.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, update in enumerate(updates):
+        groups.setdefault(update.kind, []).append(i)
+    results: list = [None] * len(updates)
+    for members in groups.values():
+        group = [updates[i] for i in members]
+        first, sizes = group[0], [len(u.x) for u in group]
+        if len(group) == 1:
+            x, velocity, t, dt = first.x, velocities[members[0]], first.t, first.dt
+            scales, noise, previous = first.scales, first.noise, first.previous
+        else:
+            x = torch.cat([u.x for u in group])
+            velocity = [velocities[i] for i in members]
+            if first.scales is not None:  # every update's conditional rows, then the unconditional ones
+                velocity = [v[:n] for v, n in zip(velocity, sizes)] + [v[n:] for v, n in zip(velocity, sizes)]
+            velocity = torch.cat(velocity)
+            t = torch.cat([u.t.expand(n) for u, n in zip(group, sizes)])
+            dt = torch.cat([u.dt.expand(n) for u, n in zip(group, sizes)])
+            scales = None if first.scales is None else torch.cat([u.scales for u in group])
+            noise = None if first.noise is None else torch.cat([u.noise for u in group])
+            previous = None if first.previous is None else torch.cat([u.previous for u in group])
+        out = step(first.rule, x, velocity, t, dt, scales, noise=noise, previous=previous,
+                   return_guided=first.return_guided)
+        if first.return_guided:
+            for i, state, guided in zip(members, out[0].split(sizes), out[1].split(sizes)):
+                results[i] = (state, guided)
+        else:
+            for i, state in zip(members, out.split(sizes)):
+                results[i] = state
+    return results
+
+
+class StepTimes:
+    """A cell's time grid for ``num_steps`` steps: the floats (for the network) and, on the state's
+    device and dtype, each step's ``t`` and ``dt`` (made once, read as views at each step)."""
+
+    def __init__(self, grid: Tensor, device: torch.device, dtype: torch.dtype):
+        self.grid = grid.tolist()
+        times = grid.to(device=device, dtype=dtype)
+        self.t, self.dt = times[:-1], times[1:] - times[:-1]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.grid) - 1
+
+
+# What a cell sampler yields (the state to evaluate, its flow time, and the update its velocity makes)
+# and is sent back (that update's result).
+CellSampler = Generator[tuple[Tensor, float, StateUpdate], "Tensor | tuple[Tensor, Tensor]", Tensor]
+
+
+def sample_cell_sde(x: Tensor, times: StepTimes, noise: "NoiseSource") -> CellSampler:
+    """The released Euler-Maruyama sampler on ``sde_time_grid``: every step but the last noisy.
 
     Each noisy step draws its noise before evaluating the network, matching the released draw order.
     """
-    grid = sde_time_grid(num_steps)
-    times = grid.to(device=x.device, dtype=x.dtype)
-    for i in range(num_steps):
-        eps = None if i == num_steps - 1 else noise.randn(x.shape[1:], x.dtype)
-        v, scales = yield x, float(grid[i])
-        x = step("sde", x, v, times, i, scales, noise=eps)
+    n = times.num_steps
+    for i in range(n):
+        eps = None if i == n - 1 else noise.randn(x.shape[1:], x.dtype)
+        x = yield x, times.grid[i], StateUpdate("sde", x, times.t[i], times.dt[i], noise=eps)
     return x
 
 
-def sample_cell_euler(x: Tensor, num_steps: int, noise: "NoiseSource", step: StepFn = flow_step) -> CellSampler:
-    """Euler steps on the guided velocity over a uniform grid from 1 to 0."""
-    grid = ode_time_grid(num_steps)
-    times = grid.to(device=x.device, dtype=x.dtype)
-    for i in range(num_steps):
-        v, scales = yield x, float(grid[i])
-        x = step("euler", x, v, times, i, scales)
+def sample_cell_euler(x: Tensor, times: StepTimes, noise: "NoiseSource") -> CellSampler:
+    """Euler steps on the guided velocity over ``ode_time_grid``, from 1 to 0."""
+    for i in range(times.num_steps):
+        x = yield x, times.grid[i], StateUpdate("euler", x, times.t[i], times.dt[i])
     return x
 
 
-def sample_cell_heun(x: Tensor, num_steps: int, noise: "NoiseSource", step: StepFn = flow_step) -> CellSampler:
-    """Heun's second-order method over a uniform grid; the step landing on t=0 is a plain Euler step,
-    so ``num_steps`` steps cost ``2 * num_steps - 1`` evaluations."""
-    grid = ode_time_grid(num_steps)
-    times = grid.to(device=x.device, dtype=x.dtype)
-    for i in range(num_steps):
-        v, scales = yield x, float(grid[i])
-        x_euler, guided = step("euler", x, v, times, i, scales, return_guided=True)
-        if i == num_steps - 1:
+def sample_cell_heun(x: Tensor, times: StepTimes, noise: "NoiseSource") -> CellSampler:
+    """Heun's second-order method over ``ode_time_grid``; the step landing on t=0 is a plain Euler
+    step, so ``num_steps`` steps cost ``2 * num_steps - 1`` evaluations."""
+    n = times.num_steps
+    for i in range(n):
+        t, dt = times.t[i], times.dt[i]
+        x_euler, guided = yield x, times.grid[i], StateUpdate("euler", x, t, dt, return_guided=True)
+        if i == n - 1:
             x = x_euler
         else:
-            v, scales = yield x_euler, float(grid[i + 1])
-            x = step("heun", x, v, times, i, scales, previous=guided)
+            x = yield x_euler, times.grid[i + 1], StateUpdate("heun", x, t, dt, previous=guided)
     return x
 
 
-CELL_SAMPLERS = {"sde": sample_cell_sde, "euler": sample_cell_euler, "heun": sample_cell_heun}
+# Each sampler with its time grid (a function of the step count).
+CELL_SAMPLERS = {"sde": (sample_cell_sde, sde_time_grid), "euler": (sample_cell_euler, ode_time_grid),
+                 "heun": (sample_cell_heun, ode_time_grid)}
 
 
 @dataclass(frozen=True)
@@ -153,7 +229,8 @@ class Evaluation:
     the call adds to the images' context. ``guide``: the velocity must hold both guidance halves,
     [2B, ...] with the conditional rows first; otherwise only the conditional [B, ...].
     ``both_halves``: the unconditional half's context is needed too (to guide now, or later), so a
-    ``prefix`` is committed for both halves.
+    ``prefix`` is committed for both halves. ``update``: the sampler step that the velocity makes;
+    the sampler is sent its result.
     """
 
     cell: int
@@ -162,10 +239,11 @@ class Evaluation:
     prefix: Tensor | None
     guide: bool
     both_halves: bool
+    update: StateUpdate
 
 
-# What ``sample_image`` yields and is sent: evaluations, velocities.
-ImageSampler = Generator[Evaluation, Tensor, Tensor]
+# What ``sample_image`` yields and is sent: evaluations, the results of their updates.
+ImageSampler = Generator[Evaluation, "Tensor | tuple[Tensor, Tensor]", Tensor]
 
 
 @dataclass(frozen=True)
@@ -196,11 +274,13 @@ StepHook = Callable[[Step], "Tensor | None"]
 
 
 def sample_image(plan: SamplingPlan, noise: "NoiseSource", cell_shape: tuple[int, int], grid_size: int, cell_size: int,
-                 step: StepFn = flow_step, on_cell: Callable[[int, list[Tensor]], None] | None = None,
+                 on_cell: Callable[[int, list[Tensor]], None] | None = None,
                  on_step: StepHook | None = None) -> ImageSampler:
     """Generate the latent [B, c, grid, grid] (model scale) of ``noise.batch_size`` images, cell by cell.
 
-    Yields every network evaluation it needs and expects its velocity back. With guidance the
+    Yields every network evaluation it needs (:class:`Evaluation`) and expects back the result of its
+    ``update`` for the evaluation's velocity (``apply_updates([e.update], [velocity])[0]``; the
+    engine steps many jobs' updates at once). With guidance the
     unconditional half runs only where it is used (the cells with scale > 1, inside the guidance
     interval) and where its context must grow (a cell's first call when any cell guides), as in the
     released sampler, which computes and then discards the rest. ``on_cell(index, cells)`` is called
@@ -215,21 +295,26 @@ def sample_image(plan: SamplingPlan, noise: "NoiseSource", cell_shape: tuple[int
     # float64 like the released sampler; MPS has no float64.
     state_dtype = torch.float32 if device.type == "mps" else torch.float64
     B = noise.batch_size
+    cell_sampler, time_grid = CELL_SAMPLERS[plan.sampler]
+    step_times: dict[int, StepTimes] = {}  # per step count: most cells share one
     cells: list[Tensor] = []
     evaluations = 0
     for index, cell in enumerate(plan.cells):
         prefix = cells[-1] if cells else None
         scales = torch.full((B,), cell.scale, dtype=state_dtype, device=device)
-        sampler = CELL_SAMPLERS[plan.sampler](noise.randn(cell_shape, torch.float32).to(state_dtype), cell.num_steps,
-                                              noise, step)
+        if cell.num_steps not in step_times:
+            step_times[cell.num_steps] = StepTimes(time_grid(cell.num_steps), device, state_dtype)
+        sampler = cell_sampler(noise.randn(cell_shape, torch.float32).to(state_dtype), step_times[cell.num_steps], noise)
         request = next(sampler)
         while True:
-            x, t = request
+            x, t, update = request
             guide = plan.guides(index, t)
-            velocity = yield Evaluation(index, t, x, prefix, guide, guide or (plan.guided and prefix is not None))
+            if guide:
+                update = replace(update, scales=scales)
+            result = yield Evaluation(index, t, x, prefix, guide, guide or (plan.guided and prefix is not None), update)
             prefix = None
             try:
-                request = sampler.send((velocity, scales if guide else None))
+                request = sampler.send(result)
                 state = request[0]
             except StopIteration as finished:
                 request, state = None, finished.value

@@ -3,7 +3,8 @@
 Every network call, the scheduler admits what fits; then each running job contributes the evaluation
 its sampler asked for (one noisy cell per image and half, plus the previous clean cell on a cell's
 first call), all packed into one :class:`~xar_infer.model.CellBatch`. Jobs at different cells, steps
-and settings share the call; each gets its own velocities back and its sampler moves one step. So a
+and settings share the call; each gets its own velocities back, and the state updates of all of
+them run together, one sampler step per kind of update; then each sampler moves on. So a
 request that arrives while others run joins at the next call instead of waiting for a whole batch.
 
 ``step()`` runs one call; ``start()`` runs calls in a background thread while there is work, which
@@ -26,7 +27,7 @@ from ..errors import InvalidArgumentError
 from ..imagenet import resolve_class_labels
 from ..memory import require_memory
 from ..model import CellBatch, XARTransformer, to_device
-from ..sampling import NoiseSource, StepHook, cells_to_latent, sample_image
+from ..sampling import NoiseSource, StepHook, apply_updates, cells_to_latent, sample_image
 from ..settings import SamplingSettings
 from .requests import CellCallback, GenerationFuture, GenerationRequest, Job
 from .scheduler import Scheduler
@@ -35,29 +36,80 @@ from .scheduler import Scheduler
 MAX_SEED = 2**64 - 1
 
 
-class ModulationTable:
-    """Every block's adaLN modulation for each (row, time) a job will evaluate.
+class ModulationStore:
+    """The adaLN modulations of the admitted jobs, for each (row, time) they will evaluate, in one tensor.
 
     The modulation depends only on the class and the quantised time, and the same few dozen times
     recur in every cell, so one batched product per block at admission replaces re-reading the
-    ``ada_lin`` weights (half of xAR-B's) at each of the job's calls.
+    ``ada_lin`` weights (half of xAR-B's) at each of the job's calls. Every job's entries live in one
+    tensor [blocks, entries, 6 * dim] (each job a consecutive range: its rows, each at all its times),
+    so that a call gathers the modulations of all its cells with one index. ``capacity_bytes`` bounds
+    it; the tensor grows to what the jobs need, up to that.
     """
 
-    def __init__(self, model: XARTransformer, labels: Tensor, times: Sequence[float], ops):
-        self.column = {t: i for i, t in enumerate(times)}
-        grid = torch.tensor(list(times), dtype=torch.float64, device=labels.device)
-        # [blocks, rows, times, 6 * dim]: one gather per call reads every block's rows.
-        self.table = torch.stack(model.modulations(labels, grid[None].expand(len(labels), -1), ops))
+    def __init__(self, model: XARTransformer, capacity_bytes: int):
+        c = model.config
+        self.model = model
+        self.capacity = max(0, capacity_bytes) // self.nbytes(model, 1, 1)  # entries
+        self.values = torch.empty(c.num_layers, 0, 6 * c.dim, dtype=model.dtype, device=model.device)
+        self._free = [(0, self.capacity)] if self.capacity else []  # (start, length), in order, merged
 
     @staticmethod
     def nbytes(model: XARTransformer, rows: int, num_times: int) -> int:
+        """The memory of ``rows`` rows' modulations at ``num_times`` times."""
         c = model.config
         return c.num_layers * rows * num_times * 6 * c.dim * model.dtype.itemsize
 
-    def lookup(self, rows: Tensor, columns: Tensor) -> Tensor:
-        """[blocks, len(rows), 1, 6 * dim]: row ``rows[i]`` of the table at column ``columns[i]`` (the
-        time ``times[columns[i]]``)."""
-        return self.table[:, rows, columns].unsqueeze(2)
+    def add(self, labels: Tensor, times: Sequence[float], ops) -> "JobTable | None":
+        """Compute and keep the modulations of rows of class ``labels`` at ``times``; None (nothing kept)
+        when they do not fit."""
+        size = len(labels) * len(times)
+        start = next((start for start, length in self._free if length >= size), None)
+        if start is None:
+            return None
+        grid = torch.tensor(list(times), dtype=torch.float64, device=labels.device)
+        values = torch.stack(self.model.modulations(labels, grid[None].expand(len(labels), -1), ops))
+        self._take(start, size)
+        values = values.flatten(1, 2)  # [blocks, rows * times, 6 * dim], in the order entry() counts
+        end = self.values.shape[1]
+        if start + size <= end:
+            self.values[:, start:start + size] = values
+        elif end == 0:  # the first job's values are the store (a pipeline call's only job: no copy)
+            self.values = values
+        else:  # grow (doubling, within the capacity), keeping what is there
+            grown = values.new_empty(values.shape[0], min(self.capacity, max(start + size, 2 * end)), values.shape[2])
+            grown[:, :end] = self.values
+            grown[:, start:start + size] = values
+            self.values = grown
+        return JobTable(start, len(labels), times)
+
+    def remove(self, table: "JobTable") -> None:
+        """The job left: its entries are free again."""
+        free = sorted([*self._free, (table.start, table.size)])
+        self._free = []
+        for start, length in free:
+            if self._free and self._free[-1][0] + self._free[-1][1] == start:
+                self._free[-1] = (self._free[-1][0], self._free[-1][1] + length)
+            else:
+                self._free.append((start, length))
+
+    def _take(self, start: int, size: int) -> None:
+        i = next(i for i, (s, _) in enumerate(self._free) if s == start)
+        length = self._free[i][1]
+        self._free[i:i + 1] = [(start + size, length - size)] if length > size else []
+
+
+class JobTable:
+    """Where one job's modulations are in the :class:`ModulationStore`: row ``row`` at time ``t`` is
+    entry ``start + row * len(times) + column[t]``."""
+
+    def __init__(self, start: int, num_rows: int, times: Sequence[float]):
+        self.start, self.num_times = start, len(times)
+        self.size = num_rows * len(times)
+        self.column = {t: i for i, t in enumerate(times)}
+
+    def entry(self, row: int, t: float) -> int:
+        return self.start + row * self.num_times + self.column[t]
 
 
 class EagerNetwork:
@@ -85,8 +137,8 @@ class Engine:
     whole life. ``defaults``: (steps, guidance scale) for settings a request leaves out.
     ``finish(latent, output_type)``: turns a job's latent into its result (the pipeline decodes), and
     ``check_output_type`` refuses the output types it cannot make; without them results are latents.
-    ``modulation_table_bytes``: the memory for per-job modulation tables; a job admitted beyond it
-    computes its modulations at every call instead (same values, more weight reads).
+    ``modulation_table_bytes``: the memory for the jobs' modulations (:class:`ModulationStore`); a job
+    admitted beyond it computes its modulations at every call instead (same values, more weight reads).
     ``network``: makes the network-call object (``EagerNetwork``, or CUDA graphs' replaying one).
     """
 
@@ -104,8 +156,7 @@ class Engine:
         self.defaults = defaults
         self._finish = finish
         self._check_output_type = check_output_type
-        self.modulation_table_bytes = modulation_table_bytes
-        self._table_bytes_used = 0
+        self.modulation_store = ModulationStore(transformer, modulation_table_bytes)
         config = transformer.config
         cache_bytes = 2 * config.num_layers * max_rows * config.seq_len * config.dim * transformer.dtype.itemsize
         require_memory(cache_bytes, transformer.device, f"a KV cache of {max_rows} rows", "pass a smaller max_rows")
@@ -168,7 +219,7 @@ class Engine:
         config = self.model.config
         plan = settings.plan(config.num_cells)
         sampler = sample_image(plan, noise, (config.tokens_per_cell, config.token_channels), config.grid_size,
-                               config.cell_size, self.backend.flow_step, on_cell, on_step)
+                               config.cell_size, on_cell, on_step)
         job = Job(labels, plan, sampler, future or Future(), finish, on_evaluation)
         if job.num_slots > self.max_rows:
             raise InvalidArgumentError(f"{len(labels)} image(s) need {job.num_slots} rows (one per image and guidance "
@@ -193,8 +244,7 @@ class Engine:
                     for job in jobs:
                         self._fail(job, error)
                 else:
-                    for job, v in zip(jobs, velocities):
-                        self._advance(job, v)
+                    self._advance(jobs, velocities)
             return self.scheduler.has_work()
 
     def run_until_idle(self) -> None:
@@ -204,12 +254,7 @@ class Engine:
 
     def _start(self, job: Job) -> None:
         try:
-            if self.modulation_table_bytes > 0:
-                times = job.plan.modulation_times
-                size = ModulationTable.nbytes(self.model, job.num_slots, len(times))
-                if self._table_bytes_used + size <= self.modulation_table_bytes:
-                    job.table = ModulationTable(self.model, self._row_labels(job), times, self.backend.ops)
-                    self._table_bytes_used += size
+            job.table = self.modulation_store.add(self._row_labels(job), job.plan.modulation_times, self.backend.ops)
             job.row_labels = self._row_labels(job).tolist()  # once, not a device read at every call
             job.pending = next(job.sampler)
         except Exception as error:
@@ -224,7 +269,7 @@ class Engine:
     def _network_call(self, jobs: list[Job]) -> list[Tensor]:
         """One call for every job's pending evaluation; returns each job's velocities."""
         dtype = self.model.dtype
-        slots, cells, labels, times, rows_of_table, tokens, noisy = [], [], [], [], [], [], []
+        slots, cells, labels, times, cell_rows, tokens, noisy = [], [], [], [], [], [], []
         for job in jobs:
             e, B = job.pending, job.batch_size
             row_labels = job.row_labels
@@ -236,35 +281,37 @@ class Engine:
                     row = half * B + b
                     if e.prefix is not None:
                         slots.append(job.slots[row]), cells.append(e.cell - 1), labels.append(row_labels[row])
-                        times.append(0.0), rows_of_table.append((job, row))
+                        times.append(0.0), cell_rows.append((job, row))
                     if with_noisy:
                         noisy.append(len(slots))
                         slots.append(job.slots[row]), cells.append(e.cell), labels.append(row_labels[row])
-                        times.append(e.t), rows_of_table.append((job, row))
+                        times.append(e.t), cell_rows.append((job, row))
                 if e.prefix is not None and with_noisy:  # [prefix 0, x 0, prefix 1, x 1, ...]
                     tokens.append(torch.stack([e.prefix.to(dtype), e.x.to(dtype)], dim=1).flatten(0, 1))
                 else:
                     tokens.append((e.x if e.prefix is None else e.prefix).to(dtype))
         batch = CellBatch.build(slots, cells, labels, times, self.model.device)
-        # Which cells read which job's table, and which outputs are velocities: the lists go to the
-        # device in one copy, and not at all where a view does (a pipeline call's usual call).
-        gathers: dict[int, tuple[ModulationTable | None, list[int], list[int], list[int]]] = {}
-        for i, (job, row) in enumerate(rows_of_table):
-            table = job.table
-            _, at, rows, columns = gathers.setdefault(id(table), (table, [], [], []))
-            at.append(i)
-            if table is not None:
-                rows.append(row), columns.append(table.column[times[i]])
-        modulations = self._table_view(list(gathers.values()))
+        # Which outputs are velocities, and which cells read the modulation store (at which entries) or
+        # compute theirs: the lists go to the device in one copy, and not at all where a view does (a
+        # pipeline call's usual call).
+        stored, entries, computed = [], [], []
+        for i, (job, row) in enumerate(cell_rows):
+            if job.table is None:
+                computed.append(i)
+            else:
+                stored.append(i), entries.append(job.table.entry(row, times[i]))
+        modulations = None if computed else self._store_view(entries)
         all_noisy = noisy == list(range(len(slots)))
-        host = ([] if all_noisy else [noisy]) + ([] if modulations is not None else
-                                                 [values for _, *lists in gathers.values() for values in lists])
-        on_device = iter(self._to_device(host))
+        lists = {} if all_noisy else {"noisy": noisy}
+        if modulations is None and entries:
+            lists["entries"] = entries
+            if computed:
+                lists.update(stored=stored, computed=computed)
+        on_device = dict(zip(lists, self._to_device(list(lists.values()))))
         if not all_noisy:
-            noisy = next(on_device)
+            noisy = on_device["noisy"]
         if modulations is None:
-            modulations = self._modulations(batch, [(table, next(on_device), next(on_device), next(on_device))
-                                                    for table, *_ in gathers.values()])
+            modulations = self._modulations(batch, on_device)
         out = self.network(tokens[0] if len(tokens) == 1 else torch.cat(tokens), batch, modulations)
         self.num_calls += 1
         self.num_rows += len(set(slots))
@@ -278,42 +325,48 @@ class Engine:
         host = torch.tensor([i for values in lists for i in values], dtype=torch.long)
         return list(to_device(host, self.model.device).split([len(values) for values in lists]))
 
-    @staticmethod
-    def _table_view(gathers: list[tuple[ModulationTable | None, list[int], list[int], list[int]]]) -> Tensor | None:
-        """The modulations as a view of one job's table, when the call holds that job's rows in order at
-        one time; else None."""
-        if len(gathers) != 1 or gathers[0][0] is None:
+    def _store_view(self, entries: list[int]) -> Tensor | None:
+        """The modulations [blocks, cells, 1, 6 * dim] as a view of the store, when the entries are evenly
+        spaced (a pipeline call's rows at one time); else None."""
+        step = entries[1] - entries[0] if len(entries) > 1 else 1
+        if step < 1 or any(b - a != step for a, b in zip(entries, entries[1:])):
             return None
-        table, _, rows, columns = gathers[0]
-        if rows != list(range(len(rows))) or len(set(columns)) != 1:
-            return None
-        return table.table[:, :len(rows), columns[0]].unsqueeze(2)
+        return self.modulation_store.values[:, entries[0]:entries[-1] + 1:step].unsqueeze(2)
 
-    def _modulations(self, batch: CellBatch, gathers: list[tuple[ModulationTable | None, Tensor, Tensor, Tensor]]) -> Tensor:
-        """[blocks, cells, 1, 6 * dim]: from the jobs' tables where they have one, computed otherwise.
-        ``gathers``: (a table or None, the batch's cells it serves, their table rows, their columns)."""
-        if len(gathers) == 1 and gathers[0][0] is not None:  # one job: no scatter
-            table, _, rows, columns = gathers[0]
-            return table.lookup(rows, columns)
-        c = self.model.config
-        out = torch.empty(c.num_layers, len(batch), 1, 6 * c.dim, dtype=self.model.dtype, device=batch.times.device)
-        for table, at, rows, columns in gathers:
-            if table is None:
-                out[:, at] = torch.stack(self.model.modulations(batch.labels[at], batch.times[at, None], self.backend.ops))
-            else:
-                out[:, at] = table.lookup(rows, columns)
+    def _modulations(self, batch: CellBatch, on_device: dict[str, Tensor]) -> Tensor:
+        """[blocks, cells, 1, 6 * dim]: the cells ``stored`` (all, when absent) read from the store at
+        ``entries``; the cells of jobs without entries (``computed``, all when there are no entries)
+        computed now."""
+        if "entries" not in on_device:
+            return torch.stack(self.model.modulations(batch.labels, batch.times[:, None], self.backend.ops))
+        stored = self.modulation_store.values[:, on_device["entries"]].unsqueeze(2)
+        if "computed" not in on_device:
+            return stored
+        at = on_device["computed"]
+        out = stored.new_empty(stored.shape[0], len(batch), *stored.shape[2:])
+        out[:, on_device["stored"]] = stored
+        out[:, at] = torch.stack(self.model.modulations(batch.labels[at], batch.times[at, None], self.backend.ops))
         return out
 
-    def _advance(self, job: Job, velocity: Tensor) -> None:
-        if job.on_evaluation is not None:
-            job.on_evaluation()
+    def _advance(self, jobs: list[Job], velocities: list[Tensor]) -> None:
+        """Step every job's sampler with its velocities: their state updates run together, one
+        ``flow_step`` per kind of update (``sampling.apply_updates``)."""
         try:
-            job.pending = job.sampler.send(velocity)
-        except StopIteration as finished:
-            job.pending = None
-            self._complete(job, finished.value)
+            results = apply_updates([job.pending.update for job in jobs], velocities, self.backend.flow_step)
         except Exception as error:
-            self._fail(job, error)
+            for job in jobs:
+                self._fail(job, error)
+            return
+        for job, result in zip(jobs, results):
+            if job.on_evaluation is not None:
+                job.on_evaluation()
+            try:
+                job.pending = job.sampler.send(result)
+            except StopIteration as finished:
+                job.pending = None
+                self._complete(job, finished.value)
+            except Exception as error:
+                self._fail(job, error)
 
     def _complete(self, job: Job, latent: Tensor) -> None:
         self._leave(job)
@@ -333,7 +386,7 @@ class Engine:
         if job in self.scheduler.running:
             self.scheduler.release(job)
         if job.table is not None:
-            self._table_bytes_used -= ModulationTable.nbytes(self.model, job.num_slots, len(job.table.column))
+            self.modulation_store.remove(job.table)
             job.table = None
         job.sampler.close()
 
@@ -389,7 +442,7 @@ class Engine:
             for job in self.scheduler.drain():
                 job.future.cancel() or self._settle(job.future, error=RuntimeError("the engine was shut down"))
                 if job.table is not None:
-                    self._table_bytes_used -= ModulationTable.nbytes(self.model, job.num_slots, len(job.table.column))
+                    self.modulation_store.remove(job.table)
                     job.table = None
 
     def __enter__(self) -> "Engine":

@@ -50,8 +50,8 @@ CellCallback = Callable[[int, Tensor], None]
 class Job:
     """B images generated together with one sampler (a request, or a pipeline call's batch).
 
-    The job owns its sampler generator, its cache slots (given by the scheduler) and its modulation
-    table; the engine advances it one evaluation per network call.
+    The job owns its sampler generator, its cache slots (given by the scheduler) and its entries in
+    the engine's modulation store; the engine advances it one evaluation per network call.
     """
 
     def __init__(self, labels: Tensor, plan: SamplingPlan, sampler: ImageSampler,
@@ -63,7 +63,7 @@ class Job:
         self.finish = finish  # latent -> the future's result
         self.on_evaluation = on_evaluation
         self.slots: list[int] = []  # conditional rows, then the unconditional ones when guided
-        self.table = None
+        self.table = None  # where its modulations are in the engine's store, if they fit
         self.row_labels: list[int] = []  # the label of each slot's row, known at admission
         self.pending: Evaluation | None = None  # the evaluation the next network call computes
 
