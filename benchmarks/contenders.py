@@ -19,7 +19,7 @@ from xar_infer import XARPipeline, XARTransformer
 from xar_infer.config import PRESETS
 from xar_infer.loading import released_buffers
 from xar_infer.engine import Engine
-from xar_infer.engine.engine import ModulationStore
+from xar_infer.engine.modulations import ModulationStore
 from xar_infer.settings import SamplingSettings
 from xar_infer.vae import AutoencoderKLDecoder, VAEConfig
 

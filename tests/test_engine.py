@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from xar_infer import GenerationRequest, InvalidArgumentError, NumericalError, XARPipeline
 from xar_infer.backends import TORCH, Backend
 from xar_infer.engine import EagerNetwork, Engine
-from xar_infer.engine.engine import ModulationStore
+from xar_infer.engine.modulations import ModulationStore
 from xar_infer.engine.scheduler import Scheduler
 from xar_infer.sampling import flow_step
 
