@@ -27,6 +27,7 @@ from . import __version__
 from .backends import BACKENDS, resolve_backend
 from .checkpoint_io import state_dict_sha256
 from .config import PRESETS, find_preset
+from .engine.engine import MAX_SEED
 from .errors import InvalidArgumentError, XARError
 from .imagenet import IMAGENET_NUM_CLASSES, class_name, resolve_class_label
 from .hub import convert_checkpoint
@@ -51,7 +52,6 @@ OVERWRITE_HINT = "pass --overwrite to replace it"
 # (measured: about 300 bytes with an ImageNet name) and the path's text once it is checked.
 PLANNED_FILE_BYTES = 400
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's upper bound
 
 VAE_HINT = (
     "decoding images needs MAR's KL-16 VAE: pass --vae path/to/kl16.ckpt (from the MAR project, "

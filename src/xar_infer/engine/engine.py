@@ -17,6 +17,7 @@ from __future__ import annotations
 import secrets
 import threading
 from concurrent.futures import Future, InvalidStateError
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -95,16 +96,14 @@ class Engine:
         self.num_rows = 0  # summed over calls
 
     # ---------------------------------------------------------------- submitting
-    def submit(self, request: GenerationRequest, on_cell: CellCallback | None = None) -> GenerationFuture:
-        """Queue one image; returns its future. Thread-safe. Bad settings raise ``ValueError`` here.
-
-        ``on_cell(index, latent)``: called from the engine's thread after each finished cell with the
-        latent so far ([c, h, w], model scale; cells not made yet are zero), for previews.
-        """
+    def check(self, request: GenerationRequest) -> tuple[GenerationRequest, SamplingSettings]:
+        """``request`` with a seed drawn if it had none, and its settings with the model's defaults filled
+        in. Raises ``ValueError`` naming a bad setting. ``submit`` runs it; a front end (xar-serve) runs
+        it first to refuse a request before it queues."""
         if not isinstance(request, GenerationRequest):
             raise InvalidArgumentError(f"submit takes a GenerationRequest, got {type(request).__name__}")
         config = self.model.config
-        label = resolve_class_labels(request.class_label, config.num_classes)
+        resolve_class_labels(request.class_label, config.num_classes)
         seed = request.seed
         if seed is None:
             seed = secrets.randbits(63)
@@ -119,6 +118,17 @@ class Engine:
             config.num_cells, steps if request.num_inference_steps is None else request.num_inference_steps,
             scale if request.guidance_scale is None else request.guidance_scale, request.sampler or "sde",
             request.guidance_schedule or "linear", request.guidance_interval)
+        return replace(request, seed=seed), settings
+
+    def submit(self, request: GenerationRequest, on_cell: CellCallback | None = None) -> GenerationFuture:
+        """Queue one image; returns its future. Thread-safe. Bad settings raise ``ValueError`` here.
+
+        ``on_cell(index, latent)``: called from the engine's thread after each finished cell with the
+        latent so far ([c, h, w], model scale; cells not made yet are zero), for previews.
+        """
+        request, settings = self.check(request)
+        seed = request.seed
+        label = resolve_class_labels(request.class_label, self.model.config.num_classes)
         future = GenerationFuture(seed)
         noise = NoiseSource([torch.Generator().manual_seed(seed)], 1, self.model.device)
         output_type = request.output_type

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from .. import __version__
-from ..cli import OneLineErrorParser, check_device, run_command, same_file_name
+from ..cli import OVERWRITE_HINT, OneLineErrorParser, check_device, run_command, same_file_name
 from ..errors import InvalidArgumentError
 from ..output_files import require_parent_folder, write_file
 from . import inception
@@ -25,7 +25,6 @@ from .npz_inputs import open_images, open_reference
 from .scores import plan, score
 
 PROG = "xar-fid"
-OVERWRITE_HINT = "pass --overwrite to replace it"
 
 
 def build_parser() -> argparse.ArgumentParser:

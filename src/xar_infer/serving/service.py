@@ -14,20 +14,17 @@ waits, and it is where the batching policy lives:
 from __future__ import annotations
 
 import math
-import secrets
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..engine import GenerationFuture, GenerationRequest
-from ..engine.engine import MAX_SEED
 from ..errors import InvalidArgumentError, XARError
 from ..imagenet import resolve_class_label
 from ..pipeline import XARPipeline
-from ..settings import SamplingSettings
 from .metrics import ServerMetrics
 
 BATCHING_POLICIES = ("continuous", "static")
@@ -113,23 +110,14 @@ class GenerationService:
             resolve_class_label(request.class_label, config.num_classes)
         except (TypeError, ValueError) as error:
             raise type(error)(f"class_label: {error}") from None
-        seed = request.seed
-        if seed is None:
-            seed = secrets.randbits(63)
-        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         if request.output_type != "latent":
             self.pipe.image_shape  # raises, naming the fix, when the model makes no images (no VAE)
-        steps, scale = self.engine.defaults
-        settings = SamplingSettings.build(
-            config.num_cells, steps if request.num_inference_steps is None else request.num_inference_steps,
-            scale if request.guidance_scale is None else request.guidance_scale, request.sampler or "sde",
-            request.guidance_schedule or "linear", request.guidance_interval)
+        request, settings = self.engine.check(request)
         rows = 2 if settings.plan(config.num_cells).guided else 1
         if rows > self.engine.max_rows:
             raise InvalidArgumentError(f"a guided request needs 2 rows but this server has --max-rows "
                                        f"{self.engine.max_rows}: set guidance_scale to 1, or restart with more rows")
-        return replace(request, seed=seed), rows
+        return request, rows
 
     def submit(self, request: GenerationRequest, on_cell: Callable | None = None) -> Ticket:
         """Queue ``request``; ``on_cell(index, latent)`` as in ``Engine.submit``. Raises ``ValueError``
