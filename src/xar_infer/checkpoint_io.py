@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 
 def read_state_dict(path: str | os.PathLike, nested_key: str | None = None) -> dict[str, torch.Tensor]:
@@ -58,10 +58,7 @@ def read_state_dict(path: str | os.PathLike, nested_key: str | None = None) -> d
 def error_summary(exc: BaseException) -> str:
     """The first sentence of an exception's message (torch and numpy append paragraphs of advice), or
     its type where the message is empty."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    first = lines[0]
+    first = first_line(exc)
     return first[:first.index(". ") + 1] if ". " in first else first
 
 

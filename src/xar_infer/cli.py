@@ -28,7 +28,7 @@ from .backends import BACKENDS, resolve_backend
 from .checkpoint_io import state_dict_sha256
 from .config import PRESETS, find_preset
 from .engine.engine import MAX_SEED
-from .errors import InvalidArgumentError, XARError
+from .errors import InvalidArgumentError, XARError, first_line
 from .imagenet import IMAGENET_NUM_CLASSES, class_name, resolve_class_label
 from .hub import convert_checkpoint
 from .loading import VARIANTS
@@ -71,14 +71,9 @@ _INT = re.compile(r"\s*[+-]?[0-9]+\s*")
 # Shared plumbing
 # --------------------------------------------------------------------------------------------------
 
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else ""
-
-
 def _one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (torch adds multi-line details below it)."""
-    message = _first_line(str(exc)) or type(exc).__name__
+    """The first line of an exception's message, with a hint for running out of GPU memory."""
+    message = first_line(exc)
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         message += " (try a smaller --batch-size or --dtype bf16)"
     return message
@@ -88,7 +83,7 @@ def run_command(prog: str, action: Callable[[], None]) -> int:
     """Run a command's ``action``; turn user errors into one stderr line and exit status 2 (every
     xar_infer command line runs this way)."""
     def show_warning(message, category, filename, lineno, file=None, line=None):
-        print(f"{prog}: warning: {_first_line(str(message))}", file=sys.stderr)
+        print(f"{prog}: warning: {first_line(message)}", file=sys.stderr)
 
     try:
         with warnings.catch_warnings():

@@ -10,6 +10,12 @@ traceback. Each class also derives from the built-in type that Python code would
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of an exception's message (torch and numpy add paragraphs below it), or
+    its type's name when the message is empty: how a user error is shown in one line."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 class XARError(Exception):
     """Base of every error caused by input, files or resources rather than by a bug."""
 

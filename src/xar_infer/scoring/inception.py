@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..checkpoint_io import error_summary
-from ..errors import CheckpointError, InvalidArgumentError
+from ..errors import CheckpointError, InvalidArgumentError, first_line
 from ..output_files import write_file_by_path
 
 # SHA-256 of weights-inception-2015-12-05-6726825d.pth (95,628,359 bytes), torch-fidelity's port of the
@@ -44,9 +44,8 @@ def torch_fidelity() -> Any:
     except ImportError:
         raise InvalidArgumentError(f"scoring needs torch-fidelity: {INSTALL_HINT}") from None
     except RuntimeError as exc:  # torchvision built for another torch fails at import
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidArgumentError(f"torch-fidelity cannot be imported ({first}); install the torchvision release "
-                                   f"built for torch {torch.__version__}") from None
+        raise InvalidArgumentError(f"torch-fidelity cannot be imported ({first_line(exc)}); install the torchvision "
+                                   f"release built for torch {torch.__version__}") from None
     return package
 
 

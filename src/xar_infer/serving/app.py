@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import GenerationRequest
+from ..errors import first_line
 from ..imagenet import IMAGENET_NUM_CLASSES, IMAGENET_SYNSET_WORDS
 from ..pipeline import XARPipeline
 from .images import npy_bytes, png_bytes, preview
@@ -102,11 +103,6 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 class ServedBy:
     """Names the process that answered in an ``X-Served-By`` header (host:pid), so that a client of
     several replicas sees which one served it. Plain ASGI: streamed answers stream through untouched."""
@@ -171,7 +167,7 @@ def create_app(pipe: XARPipeline, *, max_rows: int = 64, max_queue: int = 256, b
         except ShuttingDownError as error:
             return error_response(503, str(error))
         except (TypeError, ValueError) as error:
-            return error_response(422, _one_line(error))
+            return error_response(422, first_line(error))
 
     @app.post("/v1/generate")
     async def generate(body: GenerateBody):
@@ -182,7 +178,7 @@ def create_app(pipe: XARPipeline, *, max_rows: int = 64, max_queue: int = 256, b
         if ticket.future.cancelled():
             return error_response(503, CANCELLED_AT_SHUTDOWN)
         if ticket.future.exception() is not None:  # this request's generation failed (e.g. NaN); others go on
-            return error_response(500, f"generation failed: {_one_line(ticket.future.exception())}")
+            return error_response(500, f"generation failed: {first_line(ticket.future.exception())}")
         result = ticket.future.result()
         headers = {"X-Seed": str(ticket.seed)}
         if body.output == "latent":
@@ -218,7 +214,7 @@ def create_app(pipe: XARPipeline, *, max_rows: int = 64, max_queue: int = 256, b
                     if item.cancelled():
                         yield sse("error", {"error": CANCELLED_AT_SHUTDOWN})
                     elif item.exception() is not None:
-                        yield sse("error", {"error": f"generation failed: {_one_line(item.exception())}"})
+                        yield sse("error", {"error": f"generation failed: {first_line(item.exception())}"})
                     else:
                         png = await run_in_threadpool(_base64_png, item.result())
                         yield sse("done", {"png": png, "seed": ticket.seed, "seconds": elapsed})
