@@ -63,9 +63,11 @@ GUIDANCE = 2.7  # xAR-B's, with the released linear schedule: every image is two
 
 # ---- the model, built alike in both trees ---------------------------------------------------------
 
-def random_pipeline(config_fields: dict, steps, seed: int = 0):
-    """An ``XARPipeline`` (latents only, torch backend) on a transformer of ``config_fields`` with
-    random weights drawn from ``seed`` in name order, so both trees build the same model."""
+def random_pipeline(config_fields: dict, steps, seed: int = 0, device: str = "cpu", dtype: str = "fp32",
+                    backend: str = "torch", cuda_graphs: bool = False):
+    """An ``XARPipeline`` (latents only) on a transformer of ``config_fields`` with random weights drawn
+    from ``seed`` in name order, so both trees build the same model; then moved to ``device`` and
+    ``dtype`` (the lockstep tree of part a only takes the defaults)."""
     from xar_infer import XARPipeline, XARTransformer
     from xar_infer.config import XARConfig
 
@@ -75,9 +77,22 @@ def random_pipeline(config_fields: dict, steps, seed: int = 0):
         for _, p in sorted(model.named_parameters()):
             p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     model.load_state_dict(model.state_dict())  # zero again the units that pad an MLP width
-    pipe = XARPipeline(model, None, num_inference_steps=steps, guidance_scale=GUIDANCE, backend="torch")
+    if (device, dtype, backend, cuda_graphs) == ("cpu", "fp32", "torch", False):
+        pipe = XARPipeline(model, None, num_inference_steps=steps, guidance_scale=GUIDANCE, backend="torch")
+    else:
+        from xar_infer.cli import DTYPES
+
+        pipe = XARPipeline(model.to(device, DTYPES[dtype]), None, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                           backend=backend)
+        if cuda_graphs:
+            pipe.enable_cuda_graphs()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def on_host(latents: torch.Tensor) -> torch.Tensor:
+    """The latents copied to the host: on a GPU, a result counts once it is there (this waits for it)."""
+    return latents.cpu()
 
 
 def config_of(name: str) -> dict:
@@ -211,7 +226,12 @@ def serve_continuous(pipe, requests: list[dict], max_rows: int) -> dict:
         for i, r in enumerate(requests):
             time.sleep(max(0.0, start + r["arrival"] - time.perf_counter()))
             future = engine.submit(GenerationRequest(r["label"], seed=r["seed"], output_type="latent"))
-            future.add_done_callback(lambda _, i=i: done.__setitem__(i, time.perf_counter() - start))
+
+            def record(future, i=i):
+                on_host(future.result())
+                done[i] = time.perf_counter() - start
+
+            future.add_done_callback(record)
             futures.append(future)
         for f in futures:
             f.result()
@@ -227,8 +247,8 @@ def serve_static(pipe, requests: list[dict], max_images: int) -> dict:
         time.sleep(max(0.0, start + requests[waiting[0]]["arrival"] - time.perf_counter()))
         now = time.perf_counter() - start
         batch = [i for i in waiting if requests[i]["arrival"] <= now][:max_images]
-        pipe([requests[i]["label"] for i in batch], generator=generators(requests[i]["seed"] for i in batch),
-             output_type="latent")
+        on_host(pipe([requests[i]["label"] for i in batch], generator=generators(requests[i]["seed"] for i in batch),
+                     output_type="latent").images)
         end = time.perf_counter() - start
         for i in batch:
             done[i] = end
@@ -252,18 +272,18 @@ def capacities(args, pipe) -> dict:
 
     images = args.max_rows // 2
     labels = list(range(images))
-    pipe(labels, generator=generators(labels), output_type="latent")  # warm-up
+    on_host(pipe(labels, generator=generators(labels), output_type="latent").images)  # warm-up
     times = []
     for _ in range(args.capacity_repeats):
         begin = time.perf_counter()
-        pipe(labels, generator=generators(labels), output_type="latent")
+        on_host(pipe(labels, generator=generators(labels), output_type="latent").images)
         times.append(time.perf_counter() - begin)
     count = 3 * images
     with pipe.engine(max_rows=args.max_rows) as engine:
         begin = time.perf_counter()
         futures = [engine.submit(GenerationRequest(i % 1000, seed=i, output_type="latent")) for i in range(count)]
         for f in futures:
-            f.result()
+            on_host(f.result())
         engine_seconds = time.perf_counter() - begin
     return {"static_images_per_s": images / statistics.median(times), "static_batch_seconds": times,
             "engine_images_per_s": count / engine_seconds, "engine_requests": count}
@@ -322,7 +342,7 @@ def mixed(args, model: str, pipe) -> dict:
             begin = time.perf_counter()
             futures = [engine.submit(GenerationRequest(i % 1000, seed=i, num_inference_steps=steps, output_type="latent"))
                        for steps, images in groups for i in images]
-            latents = [f.result() for f in futures]
+            latents = [on_host(f.result()) for f in futures]
             return time.perf_counter() - begin, latents
 
     def static_run() -> tuple[float, list[torch.Tensor]]:
@@ -330,7 +350,7 @@ def mixed(args, model: str, pipe) -> dict:
         for steps, images in groups:
             out = pipe([i % 1000 for i in images], num_inference_steps=steps, generator=generators(images),
                        output_type="latent").images
-            latents += list(out)
+            latents += list(on_host(out))
         return time.perf_counter() - begin, latents
 
     runs = {"engine": engine_run, "static": static_run}
@@ -359,8 +379,12 @@ def mixed(args, model: str, pipe) -> dict:
 
 def markdown(report: dict) -> str:
     m, s = report["machine"], report["settings"]
-    lines = [f"# The engine against static batching and the lockstep sampler: {m['cpu']}, {m['cores']} CPU cores", "",
-             f"`{s['command']}`: torch {m['torch']}, fp32, torch backend, {m['cpu_threads']} threads, random weights, "
+    where = (f"{m['cpu']}, {m['cores']} CPU cores" if s.get("device", "cpu") == "cpu"
+             else f"{m['device_name']} (host: {m['cpu']}, {m['cores']} cores)")
+    graphs = ", CUDA graphs" if s.get("cuda_graphs") else ""
+    lines = [f"# The engine against static batching and the lockstep sampler: {where}", "",
+             f"`{s['command']}`: torch {m['torch']}, parts b and c {s.get('dtype', 'fp32')}, {s.get('backend', 'torch')} "
+             f"backend{graphs} (part a: fp32, torch backend), {m['cpu_threads']} CPU threads, random weights, "
              f"guidance {GUIDANCE} (linear schedule: two rows per image). Load average (1 min) before and after each "
              "part in brackets: the machine is shared.", ""]
     a = report.get("static_batch")
@@ -447,9 +471,13 @@ def main(argv=None) -> None:
     parser.add_argument("--mixed-images", type=int, default=16)
     parser.add_argument("--mixed-steps", default="40")
     parser.add_argument("--mixed-taper", default="40,30,21,12")
+    parser.add_argument("--device", default="cpu", help="parts b and c (default: cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="parts b and c")
+    parser.add_argument("--backend", default="torch", help="parts b and c: torch (default), triton or auto")
+    parser.add_argument("--cuda-graphs", action="store_true", help="parts b and c: replay CUDA graphs")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
-    parser.add_argument("--name", default=None, help="output file stem (default: cpu-engine-<cpu>)")
+    parser.add_argument("--name", default=None, help="output file stem (default: cpu-engine-<cpu>, or <gpu>-engine)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -473,7 +501,7 @@ def main(argv=None) -> None:
     if not Path(xar_infer.__file__).resolve().is_relative_to(HERE.parent.resolve()):
         raise SystemExit(f"xar_infer is imported from {xar_infer.__file__}, not from this tree: "
                          f"PYTHONPATH={HERE.parent / 'src'}:{HERE.parent}")
-    machine = machine_info("cpu")
+    machine = machine_info(args.device)
     machine["cores"] = os.cpu_count()
     report = {"machine": machine, "settings": {**{k: v for k, v in vars(args).items() if k not in ("worker", "config_json")},
                                                "command": " ".join(["python benchmarks/engine.py", *(argv or sys.argv[1:])])}}
@@ -490,13 +518,15 @@ def main(argv=None) -> None:
                 f.unlink()
             scratch.rmdir()
     for model in args.serve_models.split(",") if parts & {"b", "c"} else []:
-        pipe = random_pipeline(config_of(model), args.serve_steps)
+        pipe = random_pipeline(config_of(model), args.serve_steps, device=args.device, dtype=args.dtype,
+                               backend=args.backend, cuda_graphs=args.cuda_graphs)
         if "b" in parts:
             report.setdefault("open_loop", []).append(open_loop(args, model, pipe))
         if "c" in parts:
             report.setdefault("mixed", []).append(mixed(args, model, pipe))
     report["seconds"] = time.perf_counter() - began
-    name = args.name or f"cpu-engine-{cpu_slug(machine['cpu'])}"
+    name = args.name or (f"cpu-engine-{cpu_slug(machine['cpu'])}" if args.device == "cpu"
+                         else f"{cpu_slug(machine['device_name'])}-engine")
     from report import save_table  # beside this file
 
     save_table(report, markdown(report), args.out_dir, name)
