@@ -341,3 +341,55 @@ def test_quality_benchmark_runs_on_the_demo_model(tmp_path):
     assert len(list(tmp_path.glob("reference.fid-stats-*.npz"))) == 1
     table = (tmp_path / "smoke.md").read_text()
     assert "| taper (steps per cell 6,4,3,2) |" in table and "not FIDs comparable" in table
+
+
+def test_queueing_policies_on_a_trace_worked_by_hand():
+    """Two images 2 calls long, arriving at 0 and 0.5, calls of 1 s whatever their rows. Static: the
+    first batch runs 0-2, the second (the image that came at 0.5) 2-4. Continuous: the second joins the
+    call at 1, so the two finish at 2 and 3."""
+    from queueing import CallCost, simulate_continuous, simulate_static
+
+    fixed = CallCost(1.0, 0.0)
+    assert simulate_static([0.0, 0.5], 2, fixed, max_images=4) == [2.0, 3.5]
+    assert simulate_continuous([0.0, 0.5], 2, fixed, max_images=4) == [2.0, 2.5]
+    # With room for one image, continuous batching is first come first served: 0-2, then 2-4.
+    assert simulate_continuous([0.0, 0.5], 2, fixed, max_images=1) == [2.0, 3.5]
+    # Calls of 1 s per row and no fixed part: together (static, or sharing every call) both finish at 4...
+    linear = CallCost(0.0, 1.0)
+    assert simulate_static([0.0, 0.0], 2, linear, max_images=2, rows_per_image=1) == [4.0, 4.0]
+    assert simulate_continuous([0.0, 0.0], 2, linear, max_images=2, rows_per_image=1) == [4.0, 4.0]
+    # ...and an image that arrives alone after an idle gap takes exactly its own calls.
+    assert simulate_static([0.0, 10.0], 2, fixed, max_images=4) == [2.0, 2.0]
+    assert simulate_continuous([0.0, 10.0], 2, fixed, max_images=4) == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("load", [0.5, 0.9])
+def test_queueing_fixed_cost_ceiling_is_half_again(load):
+    """With calls of a fixed cost and room to spare, static batching's mean latency is at most 1.5 batch
+    times (half a batch waiting on average, then its own) and continuous batching's at least one: the
+    ratio stays below 1.5, and with 40 calls per image it comes close."""
+    from queueing import CallCost, poisson_arrivals, simulate_continuous, simulate_static
+
+    calls, cost = 40, CallCost(1.0, 0.0)
+    arrivals = poisson_arrivals(load * 64 / calls, 3000, seed=5)  # a load of 64-image batches; room for 1000
+    static = simulate_static(arrivals, calls, cost, max_images=1000)
+    continuous = simulate_continuous(arrivals, calls, cost, max_images=1000)
+    assert min(continuous) >= calls and max(static) <= 2 * calls + 1e-9
+    ratio = (sum(static) / len(static)) / (sum(continuous) / len(continuous))
+    assert 1.3 < ratio < 1.5
+
+
+def test_queueing_benchmark_quick_run(tmp_path):
+    """The tool measures the tiny model's call cost here and writes both files, the CPU named."""
+    subprocess.run([sys.executable, str(BENCHMARKS / "queueing.py"), "--quick", "--out-dir", str(tmp_path),
+                    "--name", "quick"], check=True, capture_output=True, timeout=300, env=subprocess_env(threads=None))
+    report = json.loads((tmp_path / "quick.json").read_text())
+    measured, *modelled = report["models"]
+    assert measured["measured"]["calls_per_image"] == 4  # one step in each of the 4 cells
+    assert [p["images"] for p in measured["measured"]["points"]] == [1, 2]
+    assert [m["fixed_share"] for m in modelled] == [1.0, 0.75, 0.5]
+    for model in report["models"]:
+        assert [row["load"] for row in model["simulated"]] == [0.5, 0.9]
+        assert all(row["mean_ratio"] > 0 and row["p99_ratio"] > 0 for row in model["simulated"])
+    assert (tmp_path / "quick.md").read_text().startswith(
+        f"# The ceiling of continuous batching against static batching: {report['machine']['cpu']}")
