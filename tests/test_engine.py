@@ -312,11 +312,23 @@ def test_bad_engine_sizes(pipe):
             pipe.engine(max_rows=bad)
 
 
-def test_scheduler_slots_are_reused_lowest_first():
-    scheduler = Scheduler(4)
-    assert scheduler.slots.take(3) == [0, 1, 2]
-    scheduler.slots.give_back([1])
-    assert scheduler.slots.take(2) == [1, 3]
+def test_scheduler_hands_out_slots_around_a_ring_in_runs():
+    """Each take starts after the previous one's slots, in one run of free slots where there is one;
+    otherwise the next free slots around the ring."""
+    pool = Scheduler(8).slots
+    assert pool.take(2) == [0, 1] and pool.take(2) == [2, 3] and pool.take(2) == [4, 5]
+    pool.give_back([0, 1])
+    assert pool.take(2) == [6, 7]  # after [4, 5], though 0 and 1 are free again
+    assert pool.take(2) == [0, 1]  # around the ring
+    pool.give_back([4, 5])
+    pool.give_back([2])
+    assert pool.num_free == 3
+    assert pool.take(2) == [4, 5]  # the first run of two after [0, 1]: [2] alone is too short
+    pool.give_back([7])
+    assert pool.take(2) == [7, 2]  # no run of two is left: the next free ones around the ring
+    assert pool.num_free == 0
+    with pytest.raises(RuntimeError, match="1 slots asked, 0 free"):
+        pool.take(1)
 
 
 @torch.inference_mode()  # as the engine runs it

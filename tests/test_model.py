@@ -119,9 +119,11 @@ def test_cell_batch_rows_and_groups():
     batch = CellBatch.build(slots, cells, [4, 4, 9, 1, 1, 1, 4, 9, 1000, 1000], times, "cpu")
     assert len(batch) == 10
     assert batch.row_starts.tolist() == [0, 0, 2, 3, 3, 3, 6, 7, 8, 9]
-    groups = [(c, index.tolist(), slot_range) for c, index, slot_range in batch.groups]
+    groups = [(c, index.tolist(), slot_range, row_range) for c, index, slot_range, row_range in batch.groups]
     # Consecutive slots (1's cells at slots 0, 1) are read as a slice of the cache; others are gathered.
-    assert groups == [(0, [3, 8], None), (1, [0, 4], slice(0, 2)), (2, [1, 2, 5, 9], None), (3, [6, 7], None)]
+    # Evenly spaced places in the batch are read as a slice of it too.
+    assert groups == [(0, [3, 8], None, slice(3, 9, 5)), (1, [0, 4], slice(0, 2), slice(0, 5, 4)),
+                      (2, [1, 2, 5, 9], None, None), (3, [6, 7], None, slice(6, 8, 1))]
     assert batch.slots.tolist() == slots and batch.cells.tolist() == cells and batch.labels[-1] == 1000
     assert batch.times.dtype == torch.float64 and batch.times.tolist() == times
     assert batch.positions(4)[1].tolist() == [8, 9, 10, 11]  # cell 2 of cells of 4 tokens
@@ -133,7 +135,7 @@ def test_whole_images_is_one_row_per_image():
     assert batch.slots.tolist() == [0, 0, 0, 1, 1, 1] and batch.cells.tolist() == [0, 1, 2, 0, 1, 2]
     assert batch.labels.tolist() == [5, 5, 5, 9, 9, 9] and torch.equal(batch.times, times.flatten())
     assert batch.row_starts.tolist() == [0, 0, 0, 3, 3, 3]
-    assert [(c, index.tolist()) for c, index, _ in batch.groups] == [(0, [0, 3]), (1, [1, 4]), (2, [2, 5])]
+    assert [(group.cell, group.index.tolist()) for group in batch.groups] == [(0, [0, 3]), (1, [1, 4]), (2, [2, 5])]
 
 
 # The protocol tests run in float64: equal computations then agree to ~1e-12, so a tolerance of 1e-9

@@ -152,8 +152,8 @@ class GraphedNetwork:
     def _groups(self, batch: CellBatch, bucket: int) -> tuple[tuple[tuple[int, int], ...], list[Tensor]]:
         """((cell index, count), ...) and the index lists of the padded batch: ``batch.groups`` with the
         padding cells joining those at cell 0. Counts come from shapes: no value is read from the device."""
-        counts = [(int(cell), len(index)) for cell, index, _ in batch.groups]
-        parts = [index for _, index, _ in batch.groups]
+        counts = [(group.cell, len(group.index)) for group in batch.groups]
+        parts = [group.index for group in batch.groups]
         padding = bucket - len(batch)
         if padding:
             at = next((i for i, (cell, _) in enumerate(counts) if cell == 0), None)

@@ -43,12 +43,14 @@ class KVCache:
 
 
 class CellGroup(NamedTuple):
-    """The cells of a batch at one index: where they are in the batch, and their cache slots as a
-    slice when those are consecutive (the cache is then read as a view, not gathered), else None."""
+    """The cells of a batch at one index: where they are in the batch (``index``, and ``rows``: the
+    same as a slice when they are evenly spaced, so that they are read as a view), and their cache
+    slots as a slice when those are consecutive (the cache is then read as a view, not gathered)."""
 
     cell: int
     index: Tensor
     slots: slice | None
+    rows: slice | None = None
 
 
 def to_device(host: Tensor, device: torch.device | str) -> Tensor:
@@ -103,9 +105,14 @@ class CellBatch:
             consecutive = all(slots[i] == first + n for n, i in enumerate(index))
             return slice(first, first + len(index)) if consecutive else None
 
+        def row_range(index: list[int]) -> slice | None:
+            step = index[1] - index[0] if len(index) > 1 else 1
+            evenly_spaced = all(b - a == step for a, b in zip(index, index[1:]))
+            return slice(index[0], index[-1] + 1, step) if evenly_spaced else None
+
         starts = accumulate((len(index) for _, index in groups), initial=4 * S)
         return CellBatch(packed[:4 * S].view(4, S), times,
-                         tuple(CellGroup(c, packed[start:start + len(index)], slot_range(index))
+                         tuple(CellGroup(c, packed[start:start + len(index)], slot_range(index), row_range(index))
                                for (c, index), start in zip(groups, starts)), (tuple(slots), tuple(cells), tuple(labels)))
 
     @staticmethod
@@ -227,28 +234,38 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     """Attention of the batch's cells, each over its slot's earlier cells and itself.
 
     ``q, k, v``: [cells, tokens_per_cell, heads, head_dim], not yet rotated; ``cos, sin``: the RoPE
-    tables of the whole sequence. Cells are taken index by index, in increasing order: each group's
-    rotated keys and values are written at its positions of its slots, then it attends over the
-    positions up to its own end, which earlier groups of this call (the previous cell of a row) or
-    earlier calls have written. A cell sees all of its own tokens: no mask. Returns [cells,
-    tokens_per_cell, heads, head_dim]. The reference for ``xar_infer.kernels.ragged_attention``.
+    tables of the whole sequence. Every cell is rotated at once, by its own positions. Then cells are
+    taken index by index, in increasing order: each group's keys and values are written at its
+    positions of its slots, then it attends over the positions up to its own end, which earlier
+    groups of this call (the previous cell of a row) or earlier calls have written. A cell sees all
+    of its own tokens: no mask. Returns [cells, tokens_per_cell, heads, head_dim]. The reference for
+    ``xar_infer.kernels.ragged_attention``.
     """
-    T = q.shape[1]
+    S, T = q.shape[:2]
+    if len(batch.groups) == 1:  # every cell at one index: the tables' rows as a view
+        span = slice(batch.groups[0].cell * T, (batch.groups[0].cell + 1) * T)
+        cos, sin = cos[span], sin[span]
+    else:
+        positions = batch.positions(T)
+        cos, sin = cos[positions][:, None], sin[positions][:, None]
+    q = apply_rope(q.transpose(1, 2), cos, sin)
+    k = apply_rope(k.transpose(1, 2), cos, sin)
+    v = v.transpose(1, 2)
     keys, values = cache.keys[layer], cache.values[layer]
     out = torch.empty_like(q)
-    for cell, index, slot_range in batch.groups:
+    for cell, index, slot_range, row_range in batch.groups:
+        rows = index if row_range is None else row_range
         span = slice(cell * T, (cell + 1) * T)
         slots = batch.slots[index] if slot_range is None else slot_range
-        rotated_q = apply_rope(q[index].transpose(1, 2), cos[span], sin[span])
-        keys[slots, :, span] = apply_rope(k[index].transpose(1, 2), cos[span], sin[span])
-        values[slots, :, span] = v[index].transpose(1, 2)
+        keys[slots, :, span] = k[rows]
+        values[slots, :, span] = v[rows]
         seen_k, seen_v = keys[slots, :, :span.stop], values[slots, :, :span.stop]
         if slot_range is not None and torch.is_grad_enabled():
             # Training: a later group writes into the tensor these views show, which would change what
             # the backward pass saved; a copy keeps it (and its backward stays a plain slice).
             seen_k, seen_v = seen_k.clone(), seen_v.clone()
-        out[index] = F.scaled_dot_product_attention(rotated_q, seen_k, seen_v).transpose(1, 2)
-    return out
+        out[rows] = F.scaled_dot_product_attention(q[rows], seen_k, seen_v)
+    return out.transpose(1, 2)
 
 
 # attention(q, k, v, cos, sin, cache, layer, batch): cached_attention or a kernel.

@@ -16,24 +16,41 @@ from .requests import Job
 
 
 class SlotPool:
-    """The free slots of a KV cache of ``num_slots`` slots."""
+    """The free slots of a KV cache of ``num_slots`` slots, handed out around a ring.
+
+    A job takes the first run of free slots at or after the end of the previous job's, so jobs
+    admitted one after another hold consecutive slots. Jobs at the same cell then usually sit side by
+    side, and attention reads their keys and values as one slice of the cache instead of gathering
+    them (``model.cached_attention``). Without such a run, the next free slots around the ring.
+    """
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out the lowest first
+        self._is_free = [True] * num_slots
+        self._num_free = num_slots
+        self._next = 0  # where the next search starts: just after the last slot handed out
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     def take(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise RuntimeError(f"{count} slots asked, {len(self._free)} free")  # the scheduler checks first
-        return [self._free.pop() for _ in range(count)]
+        if count > self._num_free:
+            raise RuntimeError(f"{count} slots asked, {self._num_free} free")  # the scheduler checks first
+        n, free = self.num_slots, self._is_free
+        ring = [(self._next + i) % n for i in range(n)]
+        start = next((s for s in ring if s + count <= n and all(free[s:s + count])), None)
+        slots = list(range(start, start + count)) if start is not None else [s for s in ring if free[s]][:count]
+        for s in slots:
+            free[s] = False
+        self._num_free -= count
+        self._next = (slots[-1] + 1) % n
+        return slots
 
     def give_back(self, slots: list[int]) -> None:
-        self._free.extend(reversed(slots))
-        self._free.sort(reverse=True)
+        for s in slots:
+            self._is_free[s] = True
+        self._num_free += len(slots)
 
 
 class Scheduler:
