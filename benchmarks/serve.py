@@ -2,6 +2,8 @@
 
     python benchmarks/serve.py                 # xar-digits on this machine's CPU: a few minutes
     python benchmarks/serve.py --quick         # a smoke run: a few requests, seconds
+    python benchmarks/serve.py --random-weights xar-b --max-rows 128 \
+        --server-args "--device cuda --dtype bf16 --backend triton --cuda-graphs" --name h100-serve-xar-b
 
 Two servers run side by side (``xar-serve --batching continuous`` and ``--batching static``, same
 model, same --max-rows), each in its own process, idle while the other is measured.
@@ -19,6 +21,10 @@ model, same --max-rows), each in its own process, idle while the other is measur
 The client runs in this process (asyncio, httpx), on the same machine as the servers: its CPU time is
 part of the load, and the CPU's other users too (the load average is recorded). Results go to
 results/cpu-serve-<cpu>.json and .md.
+
+``--random-weights PRESET`` serves a model of a released model's shapes with random weights (and a
+random KL-16 VAE), written to a scratch folder: speed does not depend on the values, and a GPU machine
+without network has no released weights. ``--server-args`` passes more options to both servers.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import math
 import os
 import random
 import re
+import shlex
 import socket
 import statistics
 import subprocess
@@ -62,6 +69,21 @@ def cpu_name() -> str:
         return "unknown CPU"
 
 
+def write_random_model(preset: str, folder: Path, seed: int) -> None:
+    """A model folder of ``preset``'s shapes and sampling defaults, random weights and (for a latent
+    model) a random VAE."""
+    import torch
+    from xar_infer import XARTransformer
+    from xar_infer.config import PRESETS
+    from xar_infer.hub import save_model_folder
+    from xar_infer.vae import AutoencoderKLDecoder
+
+    torch.manual_seed(seed)
+    settings = PRESETS[preset]
+    vae = None if settings.config.pixel_space else AutoencoderKLDecoder()
+    save_model_folder(folder, XARTransformer(settings.config), settings.num_inference_steps, settings.guidance_scale, vae)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,6 +101,7 @@ class Server:
         command = [sys.executable, "-m", "xar_infer.serving.cli", "--port", str(self.port), "--batching", policy,
                    "--max-rows", str(args.max_rows), "--max-queue", "100000", "--log-level", "warning"]
         command += ["--checkpoint", args.checkpoint] if args.checkpoint else ["--model", args.model]
+        command += shlex.split(args.server_args)
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -178,9 +201,15 @@ def measure(servers: dict[str, Server], trace: list[dict], repeats: int) -> dict
 
 def markdown(report: dict) -> str:
     a = report["args"]
-    lines = [f"# xar-serve under load, continuous against static batching: {report['cpu']}, {report['cpu_count']} CPU cores", "",
+    where = f"{report['cpu']}, {report['cpu_count']} CPU cores"
+    if report.get("gpu"):
+        where = f"{report['gpu']} (host: {where})"
+    model = (f"random weights in the shapes of {a['random_weights']}" if a.get("random_weights")
+             else f"model {a['checkpoint'] or a['model']}")
+    server_args = f", xar-serve {a['server_args']}" if a.get("server_args") else ""
+    lines = [f"# xar-serve under load, continuous against static batching: {where}", "",
              f"`python benchmarks/serve.py --burst-batches {a['burst_batches']}`: torch {report['torch']}, "
-             f"model {a['checkpoint'] or a['model']}, "
+             f"{model}{server_args}, "
              f"{a['steps']} SDE steps per cell, guided (the model's default guidance), --max-rows {a['max_rows']} "
              f"(static batches of up to {a['max_rows'] // 2} images), {a['threads']} torch thread(s) per server; "
              f"client and servers on the same machine. Load average (1 min) before and after each pass in "
@@ -225,6 +254,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="few requests and steps: a smoke run")
     parser.add_argument("--model", default="xar-digits")
     parser.add_argument("--checkpoint", help="serve these weights instead of --model")
+    parser.add_argument("--random-weights", metavar="PRESET", help="serve random weights of this preset's shapes "
+                        "(and a random VAE) instead of --model")
+    parser.add_argument("--server-args", default="", help="more xar-serve options for both servers, e.g. "
+                        "'--device cuda --dtype bf16 --backend triton --cuda-graphs'")
     parser.add_argument("--steps", type=int, default=10, help="SDE steps per cell (default: 10)")
     parser.add_argument("--max-rows", type=int, default=32)
     parser.add_argument("--requests", type=int, default=150, help="requests per open-loop pass")
@@ -243,9 +276,13 @@ def main(argv=None) -> None:
     import torch
 
     cpu = cpu_name()
+    gpu = torch.cuda.get_device_name() if "cuda" in args.server_args and torch.cuda.is_available() else None
     name = args.name or "cpu-serve-" + (re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-") or "cpu")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="xar-serve-bench-"))  # the servers' logs, for a failure's message
+    if args.random_weights:
+        write_random_model(args.random_weights, logs / "model", args.seed)
+        args.checkpoint = str(logs / "model")
     servers = {policy: Server(policy, args, logs) for policy in POLICIES}
     try:
         for server in servers.values():
@@ -268,7 +305,7 @@ def main(argv=None) -> None:
     finally:
         for server in servers.values():
             server.stop()
-    report = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "args": {
+    report = {"cpu": cpu, "gpu": gpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "capacity": capacity, "capacity_images_per_s": rate_full, "open_loop": open_loop}
     save_table(report, markdown(report), args.out_dir, name)

@@ -278,10 +278,12 @@ def test_attention_kernels_compile_for_hopper_with_vector_loads_only(tmp_path):
 
 def test_serve_benchmark_quick_run(tmp_path):
     """Smoke run of benchmarks/serve.py: two xar-serve processes (continuous and static), a burst for
-    the capacity, then Poisson arrivals at 50% and 90% of it over HTTP; every figure present and sane."""
+    the capacity, then Poisson arrivals at 50% and 90% of it over HTTP; every figure present and sane.
+    The servers run random weights of xar-digits' shapes, with options passed on (as a GPU run would)."""
     pytest.importorskip("fastapi", reason="xar-serve needs the serve extra: pip install 'xar_infer[serve]'")
     subprocess.run([sys.executable, str(BENCHMARKS / "serve.py"), "--quick", "--out-dir", str(tmp_path),
-                    "--name", "quick"], check=True, capture_output=True, timeout=300, env=subprocess_env())
+                    "--name", "quick", "--random-weights", "xar-digits", "--server-args", "--device cpu --backend torch"],
+                   check=True, capture_output=True, timeout=300, env=subprocess_env())
     report = json.loads((tmp_path / "quick.json").read_text())
     assert set(report["capacity"]) == {"continuous", "static"}
     assert report["capacity_images_per_s"] == max(c["throughput_images_per_s"] for c in report["capacity"].values()) > 0
@@ -298,6 +300,8 @@ def test_serve_benchmark_quick_run(tmp_path):
     text = (tmp_path / "quick.md").read_text()
     assert text.startswith(f"# xar-serve under load, continuous against static batching: {report['cpu']}")
     assert "| 90% |" in text and "throughput, continuous / static" in text
+    assert "random weights in the shapes of xar-digits, xar-serve --device cpu --backend torch" in text
+    assert Path(report["args"]["checkpoint"]).name == "model"  # the scratch folder of random weights
 
 
 def test_quality_benchmark_runs_on_the_demo_model(tmp_path):

@@ -8,6 +8,7 @@
 #   tools/gpu_checks.sh kernels      # benchmarks/attention.py (and its --sweep) and benchmarks/vae_tiling.py
 #   tools/gpu_checks.sh generation   # benchmarks/run.py, bf16, torch/triton/CUDA graphs (needs diffusers for DiT/SiT)
 #   tools/gpu_checks.sh profile      # benchmarks/kernel_profile.py: kernel time by category
+#   tools/gpu_checks.sh serving      # the engine and xar-serve under Poisson arrivals, xAR-B, random weights
 #
 # Results go to benchmarks/results/ under names that start with the GPU's name, and to $OUT if set.
 set -euo pipefail
@@ -58,8 +59,21 @@ case "${1:-}" in
     $python benchmarks/kernel_profile.py --preset xar-b --batch 64 --steps 2 --backend triton --name "$gpu-profile-xar-b-b64-triton"
     copy_out "$results/$gpu"-profile-*
     ;;
+  serving)
+    # Meant to fit one call of under 10 minutes after build (not yet run on a GPU): what a call costs
+    # against its rows there and the ceiling of continuous batching (queueing.py), the engine against
+    # static batching in process (engine.py parts b and c), then over HTTP (serve.py). xAR-B shapes
+    # with random weights, 10 steps per cell, bf16.
+    fast="--device cuda --dtype bf16 --backend triton"
+    $python benchmarks/queueing.py $fast --models xar-b --images 1,8,32,64 --max-rows 128 --name "$gpu-queueing"
+    $python benchmarks/engine.py --parts b,c $fast --cuda-graphs --serve-models xar-b --max-rows 128 \
+      --requests 300 --mixed-images 64 --name "$gpu-engine"
+    $python benchmarks/serve.py --random-weights xar-b --max-rows 128 --requests 300 --threads 4 \
+      --server-args "$fast --cuda-graphs" --name "$gpu-serve-xar-b"
+    copy_out "$results/$gpu"-queueing.* "$results/$gpu"-engine.* "$results/$gpu"-serve-xar-b.*
+    ;;
   *)
-    echo "usage: tools/gpu_checks.sh build|tests|kernels|generation|profile" >&2
+    echo "usage: tools/gpu_checks.sh build|tests|kernels|generation|profile|serving" >&2
     exit 2
     ;;
 esac
