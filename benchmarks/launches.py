@@ -55,6 +55,10 @@ def is_view(func) -> bool:
     return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
 
 
+def writes_in_place(func) -> bool:
+    return any(r.alias_info is not None and r.alias_info.is_write for r in func._schema.returns)
+
+
 class LaunchCounter(TorchDispatchMode):
     """Counts dispatched ops that are not views (each a kernel launch on a GPU), split by whether they
     ran inside a replayed graph, and the tensors made from host data."""
@@ -75,12 +79,17 @@ class LaunchCounter(TorchDispatchMode):
         # stand-ins for Triton count themselves. Reading a number (item) is a launch and a sync on a GPU
         # tensor, but here it reads the sampler's time grid, which is a host tensor on a GPU too.
         # lift_fresh marks a tensor made from Python data.
+        # An op that hands back one of its inputs unchanged (type_as or to, to the dtype it has) launches
+        # nothing; one that writes into it (copy_, fill_) does.
         name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
+        returned_input = not writes_in_place(func) and any(out is arg for arg in args)
         if self.counting and name == "lift_fresh":
             self.from_host += 1
-        elif self.counting and not is_view(func) and not name.startswith("empty") and name not in NOT_LAUNCHES:
+        elif (self.counting and not is_view(func) and not name.startswith("empty") and name not in NOT_LAUNCHES
+              and not returned_input):
             self.count(name)
-        return func(*args, **(kwargs or {}))
+        return out
 
     @contextmanager
     def paused(self):

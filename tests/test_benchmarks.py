@@ -192,6 +192,19 @@ def test_launch_count_benchmark_runs(tmp_path):
     assert "| engine, torch backend |" in (tmp_path / "smoke.md").read_text()
 
 
+def test_launch_counter_counts_ops_that_run_kernels():
+    """A new result or a write into a tensor is a launch; a view, or an op that hands back its input
+    unchanged (type_as or to, to the dtype it already has), is none."""
+    from launches import LaunchCounter
+
+    x, y, double = torch.randn(4, 3), torch.randn(4, 3), torch.zeros(1, dtype=torch.float64)
+    counter = LaunchCounter()
+    with counter:
+        x.type_as(y), x.to(torch.float32), x.view(3, 4), x.t(), x[1:]  # nothing
+        x + y, x.type_as(double), x.clone().copy_(y), x.clone().fill_(1.0)
+    assert counter.launched == {"add": 1, "_to_copy": 1, "clone": 2, "copy_": 1, "fill_": 1}
+
+
 # The last commit before the engine: the lockstep sampler that benchmarks/engine.py compares against.
 LOCKSTEP_COMMIT = "9d58fcb"
 

@@ -145,6 +145,30 @@ def test_padding_stays_in_the_scratch_slot(model):
             assert scratch[:, :T].isnan().all() and not scratch[:, T:].any()
 
 
+def test_tokens_given_in_chunks_reach_the_network_as_their_concatenation(model):
+    """The engine passes a call's tokens as chunks, a guided image's two halves as the same chunk
+    twice: the graphed network copies them into its input buffer (a repeated chunk in one copy, no
+    concatenation), and its velocities and cache are those of the eager call on the concatenation."""
+    config = model.config
+    null = model.null_class
+    batch = CellBatch.build([0, 1, 2, 3, 4], [2, 2, 1, 1, 0], [3, null, 4, null, 5], [0.5, 0.5, 0.2, 0.2, 0.9], "cpu")
+    a = torch.randn(1, config.tokens_per_cell, config.token_channels)
+    b = torch.randn(1, config.tokens_per_cell, config.token_channels)
+    c = torch.randn(1, config.tokens_per_cell, config.token_channels)
+    eager, graphed = EagerNetwork(model, TORCH.ops, 5), GraphedNetwork(model, TORCH.ops, 5, capture=False)
+    for network in (eager, graphed):  # the earlier cells, in both caches alike
+        with torch.inference_mode():
+            network(torch.randn(4, config.tokens_per_cell, config.token_channels, generator=torch.Generator().manual_seed(0)),
+                    CellBatch.build([0, 0, 1, 1], [0, 1, 0, 1], [3, 3, null, null], [0.0] * 4, "cpu"), None)
+    with torch.inference_mode():
+        expected = eager(torch.cat([a, a, b, b, c]), batch, None)
+        got = graphed([a, a, b, b, c], batch, None)
+    assert torch.equal(graphed.x[:5], torch.cat([a, a, b, b, c]))
+    assert torch.equal(got, expected)
+    for layer in range(config.num_layers):
+        assert torch.equal(graphed.cache.keys[layer][:5], eager.cache.keys[layer][:5])
+
+
 def test_a_call_past_the_largest_bucket_runs_eagerly(model):
     """No engine makes one (at most two cells per slot), but the protocol allows it."""
     network = GraphedNetwork(model, TORCH.ops, 1, capture=False)

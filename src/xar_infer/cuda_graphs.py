@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidArgumentError
-from .model import BlockOps, CellBatch, CellGroup, XARTransformer
+from .model import BlockOps, CellBatch, CellGroup, Tokens, XARTransformer, join_tokens
 
 
 def bucket_sizes(max_cells: int) -> list[int]:
@@ -165,18 +165,18 @@ class GraphedNetwork:
                 parts.insert(at + 1, self.padding[2, len(batch):bucket])
         return tuple(counts), parts
 
-    def __call__(self, x: Tensor, batch: CellBatch, modulations: list[Tensor] | None) -> Tensor:
+    def __call__(self, tokens: Tokens, batch: CellBatch, modulations: list[Tensor] | None) -> Tensor:
         S = len(batch)
         with self._lock:
             self._check_model()
             bucket = self.bucket(S)
             if bucket is None:
-                return self.model(x, batch, self.cache, self.ops, modulations)
+                return self.model(join_tokens(tokens), batch, self.cache, self.ops, modulations)
             computes = modulations is None
             counts, parts = self._groups(batch, bucket) if self.key_by_cells else (None, None)
             key = (bucket, computes) if counts is None else (bucket, computes, counts)
             # Few launches here: at small batches they are what is left of a call's cost besides the replay.
-            self.x[:S].copy_(x)
+            self._copy_tokens(tokens)
             if self._new_metadata(batch, bucket):
                 self.metadata[:, :S].copy_(batch.metadata)
                 if bucket > S:
@@ -195,6 +195,23 @@ class GraphedNetwork:
                 graph = self.graphs[key] = _Graph(self._forward(bucket, counts, computes), self.capture, self.pool)
             # The graphs share one memory pool, so the next replay of any of them may overwrite this output.
             return graph.replay()[:S].clone()
+
+    def _copy_tokens(self, tokens: Tokens) -> None:
+        """The call's tokens into the input buffer, with no concatenation first: a chunk passed n times
+        in a row (a guided image's two halves) is one broadcasting copy."""
+        chunks = [tokens] if isinstance(tokens, Tensor) else list(tokens)
+        at = i = 0
+        while i < len(chunks):
+            chunk, n = chunks[i], 1
+            while i + n < len(chunks) and chunks[i + n] is chunk:
+                n += 1
+            rows = len(chunk)
+            target = self.x[at:at + n * rows]
+            if n == 1:
+                target.copy_(chunk)
+            else:
+                target.view(n, *chunk.shape).copy_(chunk.expand(n, *chunk.shape))
+            at, i = at + n * rows, i + n
 
     def _new_metadata(self, batch: CellBatch, bucket: int) -> bool:
         """Whether the buffers do not hold ``batch``'s cells at this bucket yet. Consecutive calls of a
@@ -253,8 +270,8 @@ class _Lease:
         self.network = network
         self.cache = network.cache
 
-    def __call__(self, x: Tensor, batch: CellBatch, modulations: list[Tensor] | None) -> Tensor:
-        return self.network(x, batch, modulations)
+    def __call__(self, tokens: Tokens, batch: CellBatch, modulations: list[Tensor] | None) -> Tensor:
+        return self.network(tokens, batch, modulations)
 
 
 class CUDAGraphs:

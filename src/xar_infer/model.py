@@ -53,6 +53,18 @@ class CellGroup(NamedTuple):
     rows: slice | None = None
 
 
+# A network call's tokens: one tensor [cells, tokens_per_cell, channels], or its chunks in packing
+# order (a guided image's two halves pass the same chunk twice, which a CUDA graph's input copy fills
+# at once instead of concatenating first).
+Tokens = Tensor | Sequence[Tensor]
+
+
+def join_tokens(tokens: Tokens) -> Tensor:
+    if isinstance(tokens, Tensor):
+        return tokens
+    return tokens[0] if len(tokens) == 1 else torch.cat(list(tokens))
+
+
 def to_device(host: Tensor, device: torch.device | str) -> Tensor:
     """``host`` (a CPU tensor) on ``device``. To a GPU the copy is asynchronous, from pinned memory: a
     plain copy from pageable memory makes the host wait until the GPU has run everything queued."""

@@ -27,7 +27,7 @@ from ..backends import Backend
 from ..errors import InvalidArgumentError
 from ..imagenet import resolve_class_labels
 from ..memory import require_memory
-from ..model import CellBatch, XARTransformer, to_device
+from ..model import CellBatch, Tokens, XARTransformer, join_tokens, to_device
 from ..sampling import NoiseSource, StepHook, apply_updates, cells_to_latent, sample_image
 from ..settings import SamplingSettings
 from .modulations import ModulationStore
@@ -39,20 +39,21 @@ MAX_SEED = 2**64 - 1
 
 
 class EagerNetwork:
-    """The network call protocol, run eagerly: ``network(x, batch, modulations)`` -> velocities of
+    """The network call protocol, run eagerly: ``network(tokens, batch, modulations)`` -> velocities of
     every cell of ``batch`` (``XARTransformer.forward``), with the KV cache this object owns.
-    ``xar_infer.cuda_graphs`` replays the same calls from CUDA graphs."""
+    ``tokens``: a tensor, or its chunks in packing order (``model.Tokens``). ``xar_infer.cuda_graphs``
+    replays the same calls from CUDA graphs."""
 
     def __init__(self, model: XARTransformer, ops, num_slots: int):
         self.model, self.ops = model, ops
         self.cache = model.new_cache(num_slots)
 
-    def __call__(self, x: Tensor, batch: CellBatch, modulations: Tensor | None) -> Tensor:
-        return self.model(x, batch, self.cache, self.ops, modulations)
+    def __call__(self, tokens: Tokens, batch: CellBatch, modulations: Tensor | None) -> Tensor:
+        return self.model(join_tokens(tokens), batch, self.cache, self.ops, modulations)
 
 
 # network(model, ops, num_slots) -> a callable like EagerNetwork.
-NetworkFactory = Callable[[XARTransformer, Any, int], Callable[[Tensor, CellBatch, "list[Tensor] | None"], Tensor]]
+NetworkFactory = Callable[[XARTransformer, Any, int], Callable[[Tokens, CellBatch, "list[Tensor] | None"], Tensor]]
 
 
 class Engine:
@@ -209,6 +210,10 @@ class Engine:
             e, B = job.pending, job.batch_size
             row_labels = job.row_labels
             halves = 2 if e.both_halves else 1
+            # Each chunk made once per job: both halves pass the same tensor.
+            x = e.x.to(dtype)
+            prefix = None if e.prefix is None else e.prefix.to(dtype)
+            prefix_and_x = None
             for half in range(halves):
                 # The unconditional half without guidance only adds the previous cell to its context.
                 with_noisy = half == 0 or e.guide
@@ -221,10 +226,12 @@ class Engine:
                         noisy.append(len(slots))
                         slots.append(job.slots[row]), cells.append(e.cell), labels.append(row_labels[row])
                         times.append(e.t), cell_rows.append((job, row))
-                if e.prefix is not None and with_noisy:  # [prefix 0, x 0, prefix 1, x 1, ...]
-                    tokens.append(torch.stack([e.prefix.to(dtype), e.x.to(dtype)], dim=1).flatten(0, 1))
+                if prefix is not None and with_noisy:  # [prefix 0, x 0, prefix 1, x 1, ...]
+                    if prefix_and_x is None:
+                        prefix_and_x = torch.stack([prefix, x], dim=1).flatten(0, 1)
+                    tokens.append(prefix_and_x)
                 else:
-                    tokens.append((e.x if e.prefix is None else e.prefix).to(dtype))
+                    tokens.append(x if prefix is None else prefix)
         batch = CellBatch.build(slots, cells, labels, times, self.model.device)
         # Which outputs are velocities, and which cells read the modulation store (at which entries) or
         # compute theirs: the lists go to the device in one copy, and not at all where a view does (a
@@ -247,7 +254,7 @@ class Engine:
             noisy = on_device["noisy"]
         if modulations is None:
             modulations = self._modulations(batch, on_device)
-        out = self.network(tokens[0] if len(tokens) == 1 else torch.cat(tokens), batch, modulations)
+        out = self.network(tokens, batch, modulations)
         self.num_calls += 1
         self.num_rows += len(set(slots))
         counts = [job.batch_size * (2 if job.pending.guide else 1) for job in jobs]
