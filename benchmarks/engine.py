@@ -69,6 +69,7 @@ def random_pipeline(config_fields: dict, steps, seed: int = 0, device: str = "cp
     from ``seed`` in name order, so both trees build the same model; then moved to ``device`` and
     ``dtype`` (the lockstep tree of part a only takes the defaults)."""
     from xar_infer import XARPipeline, XARTransformer
+    from xar_infer.cli import DTYPES
     from xar_infer.config import XARConfig
 
     model = XARTransformer(XARConfig(**config_fields)).eval().requires_grad_(False)
@@ -77,15 +78,10 @@ def random_pipeline(config_fields: dict, steps, seed: int = 0, device: str = "cp
         for _, p in sorted(model.named_parameters()):
             p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     model.load_state_dict(model.state_dict())  # zero again the units that pad an MLP width
-    if (device, dtype, backend, cuda_graphs) == ("cpu", "fp32", "torch", False):
-        pipe = XARPipeline(model, None, num_inference_steps=steps, guidance_scale=GUIDANCE, backend="torch")
-    else:
-        from xar_infer.cli import DTYPES
-
-        pipe = XARPipeline(model.to(device, DTYPES[dtype]), None, num_inference_steps=steps, guidance_scale=GUIDANCE,
-                           backend=backend)
-        if cuda_graphs:
-            pipe.enable_cuda_graphs()
+    pipe = XARPipeline(model.to(device, DTYPES[dtype]), None, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                       backend=backend)
+    if cuda_graphs:
+        pipe.enable_cuda_graphs()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
