@@ -46,15 +46,18 @@ def _times(steps, dtype):
     return t[index].to(DEVICE), dt[index].to(DEVICE)
 
 
+def _rule_inputs(rule, noisy, noise, x) -> dict:
+    """The keyword inputs a rule takes: the noise of a noisy step, Heun's previous velocity."""
+    return {"noise": noise if noisy else None, **({"previous": torch.randn_like(x)} if rule == "heun" else {})}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("rows, row_shape", [(1, (64, 16)), (3, (64, 16)), (5, (7, 3))])
 @pytest.mark.parametrize("guided", [True, False])
 @pytest.mark.parametrize("rule, noisy, step", [("sde", True, 0), ("sde", True, 3), ("sde", False, 6), ("euler", False, 2), ("heun", False, 4)])
 def test_flow_step_matches_reference(dtype, rows, row_shape, guided, rule, noisy, step):
     x, v, scales, noise = _step_inputs(rows, row_shape, dtype, guided)
-    kwargs = {"noise": noise if noisy else None}
-    if rule == "heun":
-        kwargs["previous"] = torch.randn_like(x)
+    kwargs = _rule_inputs(rule, noisy, noise, x)
     t, dt = _times(step, dtype)
     out = flow_step(rule, x, v, t, dt, scales, **kwargs)
     expected = torch_flow_step(rule, x, v, t, dt, scales, **kwargs)
@@ -72,9 +75,7 @@ def test_flow_step_per_row_times(dtype, guided, rule, noisy):
     the reference's per-row result equals its one-time result to the bit (it is elementwise)."""
     steps = [0, 5, 2, 6, 3]
     x, v, scales, noise = _step_inputs(len(steps), (7, 3), dtype, guided)
-    kwargs = {"noise": noise if noisy else None}
-    if rule == "heun":
-        kwargs["previous"] = torch.randn_like(x)
+    kwargs = _rule_inputs(rule, noisy, noise, x)
     t, dt = _times(steps, dtype)
     out = flow_step(rule, x, v, t, dt, scales, **kwargs)
     expected = torch_flow_step(rule, x, v, t, dt, scales, **kwargs)
